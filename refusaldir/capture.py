@@ -1,0 +1,160 @@
+"""Batched, hook-based activation capture with streaming float64 accumulation.
+
+Activations are read at positions counted from the end of each (left-padded) prompt, so
+memory does not grow with the number of prompts: means are running float64 sums, and
+projections keep one scalar per prompt, position and layer.
+
+Example:
+    >>> means = mean_activations(model, ["Hi there"], layers=[3], positions=[-1])  # doctest: +SKIP
+    >>> means.shape  # (pos, layer, d_model)  # doctest: +SKIP
+    torch.Size([1, 1, 896])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Float
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import Tensor
+
+from refusaldir.errors import ConfigError, PromptFileError
+from refusaldir.hooks import RESID_POINTS, check_layers, hook_name, hooks
+
+if TYPE_CHECKING:
+    from refusaldir.models import ChatModel
+
+
+class _StopForward(Exception):
+    """Raised inside the last needed hook so layers above it are never computed."""
+
+
+def progress_bar(enabled: bool = True) -> Progress:
+    """The rich progress bar used for long work (disabled → a no-op bar)."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=True,
+    )
+
+
+def _check_positions(model: ChatModel, positions: Sequence[int]) -> list[int]:
+    pos = [int(p) for p in positions]
+    if not pos or any(p >= 0 for p in pos):
+        raise ConfigError(
+            f"positions {pos} must be negative offsets from the end of the prompt "
+            f"(e.g. {model.template.positions}); -1 is the last prompt token"
+        )
+    return pos
+
+
+def iter_activations(
+    model: ChatModel,
+    instructions: Sequence[str],
+    *,
+    layers: Sequence[int] | str | None = None,
+    positions: Sequence[int] | None = None,
+    hook_point: str = "resid_pre",
+    batch_size: int = 16,
+    progress: bool = True,
+    description: str = "capture",
+) -> Iterator[tuple[int, Float[Tensor, "batch pos layer d_model"]]]:
+    """Yield ``(start_index, activations)`` per batch at the given layers and positions.
+
+    Only layers up to the deepest requested one are computed. Activations keep the model's
+    dtype; callers reduce them (means, projections) before the next batch arrives.
+    """
+    if not instructions:
+        raise PromptFileError("no prompts to capture; pass at least one instruction")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} must be >= 1")
+    if hook_point not in RESID_POINTS:
+        raise ConfigError(
+            f"hook_point {hook_point!r} is not a residual stream point; use one of {RESID_POINTS}"
+        )
+    layer_list = check_layers(model, layers)
+    pos = _check_positions(model, positions if positions is not None else model.template.positions)
+    pos_index = torch.tensor(pos)
+    template = model.template
+    last = layer_list[-1]
+    stop_early = last < model.n_layers - 1 or hook_point != "resid_post"
+    buf: dict[int, Tensor] = {}
+
+    def make_hook(layer: int) -> Callable[..., None]:
+        def fn(act: Tensor, hook: object) -> None:
+            buf[layer] = act[:, pos_index.to(act.device), :].detach()
+            if layer == last and stop_early:
+                raise _StopForward
+
+        return fn
+
+    fwd = [(hook_name(hook_point, layer), make_hook(layer)) for layer in layer_list]
+    decoder = model.hf.get_decoder() if hasattr(model.hf, "get_decoder") else model.hf
+    bar = progress_bar(progress)
+    with bar, hooks(model, fwd), torch.inference_mode():
+        task = bar.add_task(description, total=len(instructions))
+        for start in range(0, len(instructions), batch_size):
+            chunk = list(instructions[start : start + batch_size])
+            enc = {k: v.to(model.device) for k, v in template.encode(chunk).items()}
+            buf.clear()
+            try:
+                decoder(**enc, use_cache=False)
+            except _StopForward:
+                pass
+            yield start, torch.stack([buf[layer] for layer in layer_list], dim=2)
+            bar.advance(task, len(chunk))
+
+
+def mean_activations(
+    model: ChatModel,
+    instructions: Sequence[str],
+    *,
+    layers: Sequence[int] | str | None = None,
+    positions: Sequence[int] | None = None,
+    hook_point: str = "resid_pre",
+    batch_size: int = 16,
+    progress: bool = True,
+    description: str = "mean activations",
+) -> Float[Tensor, "pos layer d_model"]:
+    """Mean residual activation over prompts, accumulated in float64 batch by batch."""
+    total: Tensor | None = None
+    for _, acts in iter_activations(
+        model, instructions, layers=layers, positions=positions, hook_point=hook_point,
+        batch_size=batch_size, progress=progress, description=description,
+    ):
+        s = acts.to(torch.float64).sum(dim=0)
+        total = s if total is None else total + s
+    if total is None:
+        raise PromptFileError("no prompts to capture; pass at least one instruction")
+    return total / len(instructions)
+
+
+def project(
+    model: ChatModel,
+    instructions: Sequence[str],
+    directions: Float[Tensor, "pos layer d_model"],
+    *,
+    layers: Sequence[int] | str | None = None,
+    positions: Sequence[int] | None = None,
+    hook_point: str = "resid_pre",
+    batch_size: int = 16,
+    progress: bool = True,
+    description: str = "projections",
+) -> Float[Tensor, "batch pos layer"]:
+    """Scalar projection of each prompt's activation onto ``directions`` (normalised here)."""
+    unit = directions.to(torch.float64)
+    unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    out = torch.empty(len(instructions), unit.shape[0], unit.shape[1], dtype=torch.float64)
+    for start, acts in iter_activations(
+        model, instructions, layers=layers, positions=positions, hook_point=hook_point,
+        batch_size=batch_size, progress=progress, description=description,
+    ):
+        proj = torch.einsum("bpld,pld->bpl", acts.to(torch.float64), unit.to(acts.device))
+        out[start : start + acts.shape[0]] = proj.cpu()
+    return out
+
