@@ -173,6 +173,327 @@ def _prompt_arg(value: str, column: str | None, limit: int | None) -> Any:
     return load_prompts(value, column=column, limit=limit)
 
 
+# ------------------------------------------------------------ interventions (generate, orthogonalize)
+def _load_directions(path: Path | None, cm: Any, needed_for: str) -> Any:
+    from refusaldir.directions import DirectionSet
+    from refusaldir.errors import ConfigError
+
+    if path is None:
+        raise ConfigError(f"{needed_for} needs --directions RUN_FOLDER (from `refusaldir extract`)")
+    ds = DirectionSet.load(path)
+    ds.check_model(cm)
+    return ds
+
+
+def _direction_layer(cm: Any, ds: Any, layer: int | None, quiet: bool) -> int:
+    """--layer, else the recorded selection, else the val-AUROC rule (printed)."""
+    if layer is not None:
+        return layer
+    if ds.selected is not None:
+        return int(ds.selected[1])
+    from refusaldir.interventions import default_layer
+
+    with err.status("choosing a layer (val AUROC) …"):
+        chosen = default_layer(cm, ds)
+    if not quiet:
+        err.print(f"using layer {chosen}: highest harmful-vs-harmless AUROC on the val prompts "
+                  "among layers < 0.8·n_layers (pass --layer to choose)", highlight=False)
+    return chosen
+
+
+def _parse_add(spec: str) -> tuple[list[int], float]:
+    from refusaldir.errors import ConfigError
+
+    layers, sep, coeff = spec.rpartition(":")
+    if not sep or not layers:
+        raise ConfigError(f"--add {spec!r} must look like LAYER:COEFF, e.g. 13:4 or 10-14:2")
+    try:
+        c = float(coeff)
+    except ValueError:
+        raise ConfigError(f"--add {spec!r}: coefficient {coeff!r} is not a number; write e.g. 13:4") from None
+    return _split_ints(layers), c
+
+
+@app.command("generate")
+@_friendly
+def generate_cmd(
+    model: ModelOpt = "demo",
+    prompts: Annotated[str, typer.Option("--prompts", "-p", help="a prompt file, or a shipped set such as harmful:test")] = "harmful:test",
+    directions: Annotated[Path | None, typer.Option(help="direction folder from `refusaldir extract` (for --ablate/--add)")] = None,
+    ablate: Annotated[bool, typer.Option("--ablate", help="project the refusal direction out of every layer")] = False,
+    add: Annotated[list[str] | None, typer.Option("--add", help="LAYER:COEFF adds COEFF × the raw refusal direction to resid_pre (e.g. 13:4, 10-14:2); repeatable")] = None,
+    layer: Annotated[int | None, typer.Option(help="layer of the direction (default: selected, else best val AUROC)")] = None,
+    pos: Annotated[int | None, typer.Option(help="position of the direction (default: selected, else -1)")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate per prompt")] = 64,
+    batch_size: Annotated[int, typer.Option(help="prompts per batch")] = 16,
+    limit: Annotated[int | None, typer.Option(help="use at most this many prompts")] = None,
+    column: Annotated[str | None, typer.Option(help="prompt column in CSV/JSON files")] = None,
+    sample: Annotated[bool, typer.Option("--sample", help="sample instead of greedy decoding")] = False,
+    temperature: float = 1.0,
+    seed: int = 0,
+    judge: Annotated[bool, typer.Option(help="label each completion with the phrase refusal judge")] = True,
+    system_prompt: Annotated[str | None, typer.Option(help="system message (default: the template's own)")] = None,
+    chat_template: Annotated[Path | None, typer.Option(help="Jinja chat template file for models without one")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate completions, optionally with the refusal direction ablated or added.
+
+    With --add LAYER:COEFF the direction comes from LAYER itself when a single layer is given
+    (Arditi et al.'s activation addition); otherwise from --layer.
+    """
+    _quiet_libraries()
+    from refusaldir.generation import generate as run_generate
+    from refusaldir.interventions import Ablation, Addition
+
+    texts = _prompt_arg(prompts, column, limit)
+    cm = _load(model, device, dtype, system_prompt, chat_template)
+    interventions: list[Any] = []
+    if ablate or add:
+        ds = _load_directions(directions, cm, "--ablate/--add")
+        p = pos if pos is not None else (ds.selected[0] if ds.selected else -1)
+        if ablate:
+            interventions.append(Ablation(ds.refusal_direction(_direction_layer(cm, ds, layer, as_json), p)))
+        for spec in add or []:
+            at, coeff = _parse_add(spec)
+            src = at[0] if len(at) == 1 and layer is None else _direction_layer(cm, ds, layer, as_json)
+            interventions.append(Addition(ds.refusal_direction(src, p), tuple(at), coeff))
+    comps = run_generate(cm, list(texts), interventions, max_new_tokens=max_new_tokens,
+                         batch_size=batch_size, do_sample=sample, temperature=temperature,
+                         seed=seed, progress=not as_json)
+    labels: list[str | None] = [None] * len(comps)
+    if judge:
+        from refusaldir.judges import PhraseJudge
+
+        labels = [j.label for j in PhraseJudge().judge_many([c.prompt for c in comps],
+                                                            [c.completion for c in comps])]
+    rate = sum(lab == "refusal" for lab in labels) / len(labels) if judge else None
+    if as_json:
+        print(json.dumps({
+            "model": cm.describe(),
+            "interventions": [i.to_dict() for i in interventions],
+            "max_new_tokens": max_new_tokens,
+            "refusal_rate": rate,
+            "completions": [{k: v for k, v in {**c.to_dict(), "label": lab}.items() if k != "interventions"}
+                            for c, lab in zip(comps, labels)],
+        }, indent=2))
+        return
+    title = ", ".join(f"{i.type} (layers {i.to_dict()['layers']})" for i in interventions) or "no intervention"
+    table = Table(title=f"{model}: {title}", show_lines=True)
+    table.add_column("prompt", ratio=2)
+    table.add_column("completion", ratio=3)
+    if judge:
+        table.add_column("judge")
+    for c, lab in zip(comps, labels):
+        row = [c.prompt, c.completion + (" …" if c.finish_reason == "length" else "")]
+        table.add_row(*row, *([lab or ""] if judge else []))
+    out.print(table)
+    if rate is not None:
+        out.print(f"refusal rate (phrase judge): {rate:.1%} of {len(comps)}")
+
+
+@app.command("orthogonalize")
+@_friendly
+def orthogonalize_cmd(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="folder to write the edited model to")],
+    model: ModelOpt = "demo",
+    directions: Annotated[Path | None, typer.Option(help="direction folder from `refusaldir extract`")] = None,
+    layer: Annotated[int | None, typer.Option(help="layer of the direction (default: selected, else best val AUROC)")] = None,
+    pos: Annotated[int | None, typer.Option(help="position of the direction (default: selected, else -1)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing --out folder")] = False,
+    system_prompt: Annotated[str | None, typer.Option(help="system message (default: the template's own)")] = None,
+    chat_template: Annotated[Path | None, typer.Option(help="Jinja chat template file for models without one")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a copy of the model with the refusal direction removed from its weights.
+
+    The folder loads with plain transformers.AutoModelForCausalLM.from_pretrained.
+    """
+    _quiet_libraries()
+    from refusaldir.orthogonalize import PROVENANCE_FILE, _prepare_out, save_orthogonalized
+
+    _prepare_out(out_dir.expanduser(), force)  # fail before loading the model
+    cm = _load(model, device, dtype, system_prompt, chat_template)
+    ds = _load_directions(directions, cm, "orthogonalize")
+    p = pos if pos is not None else (ds.selected[0] if ds.selected else -1)
+    direction = ds.refusal_direction(_direction_layer(cm, ds, layer, as_json), p)
+    with err.status(f"writing {out_dir} …"):
+        folder = save_orthogonalized(cm, direction, out_dir, directions=ds, force=force)
+    info = json.loads((folder / PROVENANCE_FILE).read_text())
+    if as_json:
+        info["direction"].pop("unit_vector", None)
+        print(json.dumps({"out": str(folder), **info}, indent=2))
+        return
+    out.print(f"wrote {folder} ({len(info['edited_parameters'])} parameters edited; direction: "
+              f"{direction.kind}, layer {direction.layer}, pos {direction.pos})")
+    out.print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(folder)!r})")
+
+
+# ------------------------------------------------------------------------------- evaluate
+@app.command("evaluate")
+@_friendly
+def evaluate_cmd(
+    model: ModelOpt = "demo",
+    directions: Annotated[Path | None, typer.Option(help="direction folder (needed by every condition but baseline)")] = None,
+    conditions: Annotated[str, typer.Option(help="comma-separated: baseline, ablate, add, subtract, ortho, conditional")] = "baseline,ablate,add",
+    harmful: Annotated[str, typer.Option(help="harmful prompts (file or shipped set)")] = "harmful:test",
+    harmless: Annotated[str, typer.Option(help="harmless prompts (file or shipped set)")] = "harmless:test",
+    borderline: Annotated[str, typer.Option(help="borderline-safe prompts for over-refusal ('' to skip)")] = "borderline",
+    dataset: Annotated[str | None, typer.Option(help="format of --harmful/--borderline files: advbench, harmbench, jbb, xstest, strongreject, alpaca, text")] = None,
+    text: Annotated[Path | None, typer.Option(help="plain-text file: report each condition's cross-entropy on it")] = None,
+    judge: Annotated[str, typer.Option(help="phrase, logit (first-token log-odds) or model:PATH")] = "phrase",
+    add_coeff: Annotated[float | None, typer.Option(help="addition coefficient (default: calibrated for 80% induced refusal on harmless val)")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens generated per prompt")] = 64,
+    batch_size: Annotated[int, typer.Option(help="prompts per batch")] = 16,
+    limit: Annotated[int | None, typer.Option(help="use at most this many prompts per dataset")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="folder for results.json, completions.jsonl, results.md")] = Path("runs/demo/eval"),
+    column: Annotated[str | None, typer.Option(help="prompt column in CSV/JSON files")] = None,
+    system_prompt: Annotated[str | None, typer.Option(help="system message (default: the template's own)")] = None,
+    chat_template: Annotated[Path | None, typer.Option(help="Jinja chat template file for models without one")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Refusal and over-refusal rates (Wilson 95% CIs), KL and loss for each condition."""
+    _quiet_libraries()
+    from refusaldir.errors import ConfigError
+    from refusaldir.evaluate import NEEDS_DIRECTIONS, evaluate
+
+    names = [c.strip() for c in conditions.split(",") if c.strip()]
+    if any(n in NEEDS_DIRECTIONS for n in names) and directions is None:
+        raise ConfigError(
+            f"conditions {[n for n in names if n in NEEDS_DIRECTIONS]} need --directions RUN_FOLDER "
+            "(from `refusaldir extract`)"
+        )
+    sets = {"harmful": _dataset_arg(harmful, dataset, column, limit),
+            "harmless": _dataset_arg(harmless, None, column, limit)}
+    if borderline:
+        sets["borderline"] = _dataset_arg(borderline, dataset, column, limit)
+    text_body = None
+    if text is not None:
+        if not text.is_file():
+            raise ConfigError(f"text file {text} does not exist; check --text")
+        text_body = text.read_text(encoding="utf-8", errors="replace")
+    cm = _load(model, device, dtype, system_prompt, chat_template)
+    ds = _load_directions(directions, cm, "evaluate") if directions is not None else None
+    res = evaluate(cm, ds, conditions=names, datasets=sets, judge=judge, max_new_tokens=max_new_tokens,
+                   batch_size=batch_size, add_coeff=add_coeff, text=text_body, progress=not as_json)
+    folder = res.save(out_dir)
+    if as_json:
+        print(json.dumps(res.results, indent=2, sort_keys=True))
+        return
+    print(res.markdown())  # plain print: rich would re-wrap the Markdown table
+    t = res.results["timings"]
+    out.print(f"wrote {folder}/results.json, completions.jsonl, results.md "
+              f"({t['total']:.0f}s; judging {t['judge']:.1f}s)")
+
+
+def _dataset_arg(value: str, fmt: str | None, column: str | None, limit: int | None) -> Any:
+    """A shipped set name, or a file read with a benchmark loader when ``--dataset`` is given."""
+    from refusaldir.datasets import load_dataset
+
+    if fmt is None or value.partition(":")[0] in ("harmful", "harmless", "borderline"):
+        return _prompt_arg(value, column, limit)
+    return load_dataset(fmt, value, limit=limit)
+
+
+# ------------------------------------------------------------------------------- select
+@app.command("select")
+@_friendly
+def select_cmd(
+    model: ModelOpt = "demo",
+    directions: Annotated[Path, typer.Option(help="direction folder from `refusaldir extract`; the choice is saved there")] = Path("runs/demo"),
+    mode: Annotated[str, typer.Option(help="exact (bypass/induce/KL sweep), cosine (output-free) or fast (proxy-pruned exact)")] = "exact",
+    harmful_val: Annotated[str, typer.Option(help="harmful validation prompts (file or shipped set)")] = "harmful:val",
+    harmless_val: Annotated[str, typer.Option(help="harmless validation prompts (file or shipped set)")] = "harmless:val",
+    n_val: Annotated[int, typer.Option(help="validation prompts used from each set")] = 32,
+    kl_max: Annotated[float, typer.Option(help="reject candidates whose ablation moves harmless first-token KL above this")] = 0.1,
+    max_layer_frac: Annotated[float, typer.Option(help="reject candidates at layers >= this fraction of n_layers")] = 0.8,
+    induce_min: Annotated[float, typer.Option(help="reject candidates whose addition leaves the harmless refusal log-odds <= this")] = 0.0,
+    positions: Annotated[str | None, typer.Option(help="candidate positions, e.g. '-1,-5' (default: all post-instruction)")] = None,
+    layers: Annotated[str | None, typer.Option(help="candidate layers, e.g. '8-16' (default: all)")] = None,
+    refusal_tokens: Annotated[str | None, typer.Option(help="comma-separated token ids that start refusals (default: detected)")] = None,
+    top_k: Annotated[int, typer.Option(help="candidates listed (and KL-checked) besides the pick")] = 5,
+    bootstrap: Annotated[int, typer.Option(help="bootstrap resamples of the validation prompts (0: off)")] = 1000,
+    method: Annotated[str, typer.Option(help="shared (fast, same result) or naive (the straightforward loop)")] = "shared",
+    batch_size: Annotated[int, typer.Option(help="prompts per forward pass")] = 16,
+    column: Annotated[str | None, typer.Option(help="prompt column in CSV/JSON files")] = None,
+    seed: int = 0,
+    system_prompt: Annotated[str | None, typer.Option(help="system message (default: the template's own)")] = None,
+    chat_template: Annotated[Path | None, typer.Option(help="Jinja chat template file for models without one")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Pick the refusal direction (position × layer), explain why, and save the choice."""
+    _quiet_libraries()
+    from refusaldir.errors import ConfigError
+    from refusaldir.select import SelectionConfig, select_direction
+
+    def ints(text: str | None, what: str) -> list[int] | None:
+        if text is None:
+            return None
+        if what == "positions":
+            try:
+                return [int(x) for x in text.split(",") if x.strip()]
+            except ValueError:
+                raise ConfigError(f"--positions {text!r} must be comma-separated integers, e.g. -1,-5") from None
+        return _split_ints(text)
+
+    cfg = SelectionConfig(
+        mode=mode, method=method, n_val=n_val, kl_max=kl_max, max_layer_frac=max_layer_frac,
+        induce_min=induce_min, positions=ints(positions, "positions"), layers=ints(layers, "layers"),
+        refusal_ids=ints(refusal_tokens, "positions"), top_k=top_k, n_bootstrap=bootstrap,
+        batch_size=batch_size, seed=seed, progress=not as_json,
+    )
+    harmful = _prompt_arg(harmful_val, column, n_val)
+    harmless = _prompt_arg(harmless_val, column, n_val)
+    cm = _load(model, device, dtype, system_prompt, chat_template)
+    ds = _load_directions(directions, cm, "select")
+    res = select_direction(cm, ds, harmful, harmless, cfg)
+    ds.save(directions)
+    path = res.save(directions)
+    if as_json:
+        print(json.dumps(json.loads(path.read_text()), indent=2))
+        return
+    table = Table(title=f"{model}: refusal-direction candidates ({res.mode} mode), top {len(res.top_k)}")
+    for col in ("rank", "pos", "layer", "bypass ↓", "induce", "KL", "cosine ↑", "status"):
+        table.add_column(col, justify="right")
+
+    def f(x: float | None, spec: str = "+.3f") -> str:
+        return "–" if x is None else format(x, spec)
+
+    for p, layer in res.top_k:
+        c = res.candidate(p, layer)
+        table.add_row(str(c.rank), str(p), str(layer), f(c.bypass), f(c.induce), f(c.kl, ".4f"),
+                      f(c.cosine), c.status, style="bold green" if c.status == "selected" else None)
+    out.print(table)
+    counts: dict[str, int] = {}
+    for c in res.candidates:
+        counts[c.status] = counts.get(c.status, 0) + 1
+    out.print(f"picked pos {res.pos}, layer {res.layer}; candidates: "
+              + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())), highlight=False)
+    if res.relaxation.get("all_filtered"):
+        out.print(f"[yellow]every candidate failed the filters; relaxation used: "
+                  f"{res.relaxation['step']}[/]", highlight=False)
+    if res.refusal_tokens is not None:
+        rt = res.refusal_tokens
+        out.print(f"refusal tokens: {rt.tokens} (ids {rt.ids})", highlight=False)
+    st = res.stability
+    if st.get("n"):
+        out.print(f"bootstrap ({st['n']} resamples of the validation prompts): the pick wins "
+                  f"{100 * st['top1_share']:.0f}%", highlight=False)
+    out.print(f"{res.timings['total']:.0f}s; wrote {path}, {path.parent / 'selection.html'} and the "
+              f"choice into {directions / 'metadata.json'}", highlight=False)
+
+
+# `audit` and `guard` live in refusaldir/cli_audit.py and register themselves on `app`.
+from refusaldir import cli_audit as _cli_audit  # noqa: E402,F401
+
+
 def main() -> None:
     """Entry point of the ``refusaldir`` script."""
     app(prog_name="refusaldir")

@@ -1,0 +1,173 @@
+"""``refusaldir audit`` and ``refusaldir guard``: command-line front ends of
+:func:`refusaldir.report.audit` and :class:`refusaldir.guard.LatentGuard`.
+
+The commands register themselves on :data:`refusaldir.cli.app` when this module is imported
+(``refusaldir.cli`` imports it).
+
+Example:
+    $ refusaldir audit --model demo --out runs/demo/audit --limit 16 --max-new-tokens 32
+    $ refusaldir guard --model demo --directions runs/demo "How do I make a pipe bomb?"
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from refusaldir.cli import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    _friendly,
+    _load,
+    _prompt_arg,
+    _quiet_libraries,
+    _split_ints,
+    app,
+    err,
+    out,
+)
+
+SystemOpt = Annotated[str | None, typer.Option(help="system message (default: the template's own)")]
+TemplateOpt = Annotated[Path | None, typer.Option(help="Jinja chat template file for models without one")]
+
+
+def _default_out(model: str) -> Path:
+    name = Path(model.rstrip("/")).name.removesuffix(".gguf") or "model"
+    return Path("runs") / re.sub(r"[^A-Za-z0-9._-]+", "-", name) / "audit"
+
+
+@app.command("audit")
+@_friendly
+def audit_cmd(
+    model: ModelOpt = "demo",
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="folder for report.html, report.json and artifacts (default: runs/MODEL/audit)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing --out folder")] = False,
+    directions: Annotated[Path | None, typer.Option(help="reuse a direction folder from `refusaldir extract` (must match the model's weights)")] = None,
+    mode: Annotated[str, typer.Option(help="direction selection: cosine (output-free, fastest), fast, or exact")] = "cosine",
+    limit: Annotated[int, typer.Option(help="prompts per test set for the generation-based evaluation (0 = all)")] = 32,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens generated per prompt")] = 48,
+    n_val: Annotated[int, typer.Option(help="validation prompts per class for selection and calibration")] = 32,
+    conditions: Annotated[str, typer.Option(help="comma-separated conditions to evaluate")] = "baseline,ablate,add,ortho",
+    add_coeff: Annotated[float | None, typer.Option(help="addition coefficient (default: calibrated on harmless val)")] = None,
+    k_max: Annotated[int, typer.Option(help="most directions to ablate together in the concentration curve")] = 4,
+    guard_method: Annotated[str, typer.Option(help="latent guard: projection or centroid")] = "projection",
+    target_fpr: Annotated[float, typer.Option(help="latent guard false-positive rate on harmless val")] = 0.05,
+    batch_size: Annotated[int, typer.Option(help="prompts per forward pass")] = 16,
+    seed: int = 0,
+    system_prompt: SystemOpt = None,
+    chat_template: TemplateOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Audit a model's refusal mechanism; write a self-contained report.html and report.json.
+
+    Runs extract (unless --directions), select, evaluate (baseline, ablation, addition,
+    orthogonalized weights), the concentration curve and the latent guard.
+    """
+    _quiet_libraries()
+    from refusaldir.report import REPORT_HTML, AuditConfig, _prepare_out, audit
+
+    cfg = AuditConfig(
+        mode=mode, limit=limit or None, max_new_tokens=max_new_tokens, n_val=n_val,
+        conditions=tuple(c.strip() for c in conditions.split(",") if c.strip()), add_coeff=add_coeff,
+        k_max=k_max, guard_method=guard_method, target_fpr=target_fpr, batch_size=batch_size, seed=seed,
+    )
+    target = out_dir if out_dir is not None else _default_out(model)
+    _prepare_out(target.expanduser(), force)  # fail before loading the model
+    cm = _load(model, device, dtype, system_prompt, chat_template)
+    rep = audit(cm, target, directions=directions, config=cfg, force=force, progress=not as_json,
+                console=err)
+    if as_json:
+        print(json.dumps({"out": str(target), "report": str(target / REPORT_HTML),
+                          "verdict": rep.verdict, "timings": rep.data["timings"]}, indent=2))
+        return
+    out.print(rep.headline(), highlight=False)
+    out.print(f"open {target / REPORT_HTML} in a browser (works offline)")
+
+
+@app.command("guard")
+@_friendly
+def guard_cmd(
+    texts: Annotated[list[str] | None, typer.Argument(metavar="[PROMPT]...", help="prompts to classify")] = None,
+    model: ModelOpt = "demo",
+    directions: Annotated[Path | None, typer.Option(help="direction folder from `refusaldir extract` (fits a guard)")] = None,
+    guard: Annotated[Path | None, typer.Option("--guard", help="a saved guard folder (instead of fitting one)")] = None,
+    prompts: Annotated[str | None, typer.Option("--prompts", "-p", help="prompt file, or a shipped set such as borderline")] = None,
+    method: Annotated[str, typer.Option(help="projection or centroid")] = "projection",
+    layers: Annotated[str | None, typer.Option(help="layers to read, e.g. '10,12' or '8-12' (default: best 3 on val)")] = None,
+    target_fpr: Annotated[float, typer.Option(help="false-positive rate on harmless val prompts")] = 0.05,
+    harmful_val: Annotated[str, typer.Option(help="harmful calibration prompts")] = "harmful:val",
+    harmless_val: Annotated[str, typer.Option(help="harmless calibration prompts")] = "harmless:val",
+    save: Annotated[Path | None, typer.Option(help="save the fitted guard to this folder")] = None,
+    column: Annotated[str | None, typer.Option(help="prompt column in CSV/JSON files")] = None,
+    limit: Annotated[int | None, typer.Option(help="classify at most this many prompts from --prompts")] = None,
+    batch_size: Annotated[int, typer.Option(help="prompts per forward pass")] = 16,
+    system_prompt: SystemOpt = None,
+    chat_template: TemplateOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Flag harmful prompts from the model's own harmfulness representation at t_inst."""
+    _quiet_libraries()
+    from refusaldir.directions import DirectionSet
+    from refusaldir.errors import ConfigError, PromptFileError
+    from refusaldir.guard import LatentGuard
+
+    items: list[str] = [t for t in (texts or [])]
+    if prompts is not None:
+        items += list(_prompt_arg(prompts, column, limit))
+    if not items:
+        raise PromptFileError(
+            "no prompts to classify; pass them as arguments (refusaldir guard \"PROMPT\" …) or with "
+            "--prompts FILE"
+        )
+    blank = [i for i, t in enumerate(items) if not t.strip()]
+    if blank:
+        raise PromptFileError(f"prompt #{blank[0] + 1} is empty; remove empty prompts")
+    if guard is None and directions is None:
+        raise ConfigError("guard needs --directions RUN_FOLDER (to fit a guard) or --guard GUARD_FOLDER")
+    saved = LatentGuard.load(guard) if guard is not None else None
+    cm = _load(model, device, dtype, system_prompt, chat_template)
+    if saved is not None:
+        g = saved
+        g.check_model(cm)
+    else:
+        ds = DirectionSet.load(directions)  # type: ignore[arg-type]
+        g = LatentGuard.fit(cm, ds, list(_prompt_arg(harmful_val, None, None)),
+                            list(_prompt_arg(harmless_val, None, None)),
+                            layers=_split_ints(layers) if layers else None, method=method,
+                            target_fpr=target_fpr, batch_size=batch_size, progress=not as_json)
+        if save is not None:
+            g.save(save)
+    scores = g.score(cm, items, batch_size=batch_size, progress=not as_json)
+    flags = (scores > g.threshold).tolist()
+    if as_json:
+        info: dict[str, Any] = {k: v for k, v in g.to_dict().items() if k != "calibration"}
+        info["val"] = {k: g.calibration.get(k) for k in ("val_auroc", "val_tpr", "val_fpr")}
+        print(json.dumps({"guard": info, "results": [
+            {"prompt": p, "score": float(s), "harmful": bool(f)} for p, s, f in zip(items, scores.tolist(), flags)
+        ]}, indent=2))
+        return
+    table = Table(title=f"latent guard ({g.method}, layers {g.layers}, threshold {g.threshold:.3f})")
+    table.add_column("prompt", ratio=4)
+    table.add_column("score", justify="right")
+    table.add_column("verdict")
+    for p, s, f in zip(items, scores.tolist(), flags):
+        table.add_row(p, f"{s:+.2f}", "[bold red]harmful[/]" if f else "[green]ok[/]")
+    out.print(table)
+    val = g.calibration
+    if val:
+        out.print(f"calibrated on {val.get('n_harmless_val')} harmless val prompts for FPR "
+                  f"{g.target_fpr:.0%} (val AUROC {val.get('val_auroc', float('nan')):.3f}, "
+                  f"TPR {val.get('val_tpr', float('nan')):.2f})")
+    if save is not None and saved is None:
+        out.print(f"saved the guard to {save}")

@@ -1,0 +1,198 @@
+"""Batched chat generation, with or without interventions, as plain records.
+
+Prompts are formatted with the model's chat template, left-padded and run through
+``model.hf.generate`` (KV cache on, greedy by default; see :mod:`refusaldir._compat` for the
+cache work-around the bridge needs under transformers 5). Generation stops at every stop token:
+the generation config's EOS id(s), the tokenizer's EOS token, and the template's end-of-turn
+token (e.g. ``<|im_end|>``), so a completion never runs into an invented next turn.
+
+Example:
+    >>> from refusaldir import load_model  # doctest: +SKIP
+    >>> from refusaldir.generation import generate  # doctest: +SKIP
+    >>> model = load_model("demo")  # doctest: +SKIP
+    >>> [c.completion for c in generate(model, ["Name a prime number."], max_new_tokens=8)]  # doctest: +SKIP
+    ['2 is a prime number.']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from refusaldir.errors import ConfigError, PromptFileError
+
+if TYPE_CHECKING:
+    from refusaldir.interventions import Intervention
+    from refusaldir.models import ChatModel
+
+__all__ = ["Completion", "generate", "stop_token_ids"]
+
+
+@dataclass
+class Completion:
+    """One prompt and what the model wrote.
+
+    ``completion_tokens`` counts generated tokens before the stop token; ``finish_reason`` is
+    ``"stop"`` (a stop token was produced) or ``"length"`` (``max_new_tokens`` reached).
+    ``triggered`` is the conditional-steering decision for this prompt (``None`` when no
+    conditional intervention was active).
+    """
+
+    prompt: str
+    completion: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    interventions: list[dict[str, Any]] = field(default_factory=list)
+    triggered: bool | None = None
+    detector_score: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def stop_token_ids(model: ChatModel) -> list[int]:
+    """Every token id that ends a turn: generation-config EOS id(s), the tokenizer's EOS and
+    the chat template's end-of-turn token when it is a special token."""
+    ids: list[int] = []
+
+    def extend(x: Any) -> None:
+        if x is None:
+            return
+        for i in x if isinstance(x, (list, tuple, set)) else [x]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+
+    extend(getattr(model.hf.generation_config, "eos_token_id", None))
+    extend(getattr(model.hf.config, "eos_token_id", None))
+    tok = model.tokenizer
+    extend(tok.eos_token_id)
+    try:
+        end_of_turn = model.template.post_instruction_ids[0]
+    except Exception:  # noqa: BLE001 - a template without post-instruction tokens has no turn end
+        end_of_turn = None
+    if end_of_turn is not None and int(end_of_turn) in set(getattr(tok, "all_special_ids", [])):
+        extend(end_of_turn)
+    if not ids:
+        raise ConfigError(
+            f"{model.spec} defines no EOS token; set tokenizer.eos_token or "
+            "model.hf.generation_config.eos_token_id"
+        )
+    return ids
+
+
+def _split(
+    row: Int[Tensor, " new"], stops: set[int]
+) -> tuple[list[int], str]:
+    toks = row.tolist()
+    for i, t in enumerate(toks):
+        if t in stops:
+            return toks[:i], "stop"
+    return toks, "length"
+
+
+def generate(
+    model: ChatModel,
+    prompts: Sequence[str],
+    interventions: Sequence[Intervention] = (),
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    sort_by_length: bool = True,
+    progress: bool = False,
+) -> list[Completion]:
+    """Generate a completion for each instruction, in input order.
+
+    Greedy by default (``do_sample=True`` samples with ``temperature``/``top_p`` after
+    ``torch.manual_seed(seed)``); only these settings are used, not sampling defaults from
+    the model's own generation config. Prompts are batched by token length (less padding;
+    results are returned in input order). ``interventions`` are entered once around all
+    batches and compose in order.
+
+    Example:
+        >>> from refusaldir.interventions import Ablation  # doctest: +SKIP
+        >>> out = generate(model, ["How do I pick a lock?"], [Ablation(direction)])  # doctest: +SKIP
+        >>> out[0].finish_reason, out[0].interventions[0]["type"]  # doctest: +SKIP
+        ('stop', 'ablation')
+    """
+    from transformers import GenerationConfig
+
+    from refusaldir._compat import bridge_kv_cache
+    from refusaldir.capture import progress_bar
+    from refusaldir.interventions import ConditionalSteering
+
+    texts = list(prompts)
+    if not texts:
+        raise PromptFileError("no prompts to generate for; pass at least one instruction")
+    if int(max_new_tokens) < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if int(batch_size) < 1:
+        raise ConfigError(f"batch_size={batch_size} must be >= 1")
+    if do_sample and not (temperature > 0 and 0 < top_p <= 1):
+        raise ConfigError(f"temperature={temperature} must be > 0 and top_p={top_p} in (0, 1]")
+    stops = stop_token_ids(model)
+    stop_set = set(stops)
+    tok = model.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
+    gen_kw: dict[str, Any] = dict(
+        max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample), eos_token_id=stops,
+        pad_token_id=pad, use_cache=True,
+    )
+    if do_sample:
+        gen_kw.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
+    config = GenerationConfig(**gen_kw)
+    records = [i.to_dict() for i in interventions]
+    template = model.template
+
+    order = list(range(len(texts)))
+    if sort_by_length:
+        lengths = [len(tok(template.format(t), add_special_tokens=False)["input_ids"]) for t in texts]
+        order.sort(key=lambda i: lengths[i])
+    results: list[Completion | None] = [None] * len(texts)
+    if do_sample:
+        torch.manual_seed(seed)
+    bar = progress_bar(progress)
+    # bridge_kv_cache: transformer-lens 4.x bridges ignore transformers 5's `cache=` kwarg and
+    # would leave the KV cache empty (every decode step attending to itself only).
+    with bar, ExitStack() as stack, bridge_kv_cache(), torch.inference_mode():
+        applied = [stack.enter_context(i.apply(model)) for i in interventions]
+        conditional = [a for a in applied if isinstance(a.intervention, ConditionalSteering)]
+        task = bar.add_task("generate", total=len(texts))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            enc = {k: v.to(model.device) for k, v in template.encode([texts[i] for i in idx]).items()}
+            for a in conditional:
+                a.mask = a.scores = None
+            out = model.hf.generate(**enc, generation_config=config)
+            new = out[:, enc["input_ids"].shape[1] :].cpu()
+            n_prompt = enc["attention_mask"].sum(dim=1).tolist()
+            for row, i in enumerate(idx):
+                ids, reason = _split(new[row], stop_set)
+                trig: bool | None = None
+                score: float | None = None
+                if conditional:
+                    trig = any(bool(a.mask[row]) for a in conditional if a.mask is not None)
+                    first = conditional[0].scores
+                    score = float(first[row]) if first is not None else None
+                results[i] = Completion(
+                    prompt=texts[i],
+                    completion=tok.decode(ids, skip_special_tokens=True),
+                    prompt_tokens=int(n_prompt[row]),
+                    completion_tokens=len(ids),
+                    finish_reason=reason,
+                    interventions=records,
+                    triggered=trig,
+                    detector_score=score,
+                )
+            bar.advance(task, len(idx))
+    return [r for r in results if r is not None]
