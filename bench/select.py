@@ -33,6 +33,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--fast-keep", type=int, default=3)
     ap.add_argument("--modes", default="naive,exact,fast", help="subset of naive,exact,fast,cosine")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
 
@@ -40,6 +41,8 @@ def main() -> int:
     warnings.filterwarnings("ignore")
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import refusaldir as rd
     from refusaldir.refusal_metric import find_refusal_tokens
     from refusaldir.select import select_direction

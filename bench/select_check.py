@@ -31,6 +31,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=20)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--no-baseline", action="store_true", help="skip the unablated generations")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", default=None, help="also write results (and completions) as JSON")
     args = ap.parse_args()
 
@@ -38,6 +39,8 @@ def main() -> int:
     warnings.filterwarnings("ignore")
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import refusaldir as rd
     from refusaldir._compat import bridge_kv_cache
     from refusaldir.generation import generate

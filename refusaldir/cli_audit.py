@@ -50,6 +50,7 @@ def audit_cmd(
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="folder for report.html, report.json and artifacts (default: runs/MODEL/audit)")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing --out folder")] = False,
     directions: Annotated[Path | None, typer.Option(help="reuse a direction folder from `refusaldir extract` (must match the model's weights)")] = None,
+    selection: Annotated[Path | None, typer.Option(help="reuse a selection.json for --directions instead of selecting again")] = None,
     mode: Annotated[str, typer.Option(help="direction selection: cosine (output-free, fastest), fast, or exact")] = "cosine",
     limit: Annotated[int, typer.Option(help="prompts per test set for the generation-based evaluation (0 = all)")] = 32,
     max_new_tokens: Annotated[int, typer.Option(help="tokens generated per prompt")] = 48,
@@ -83,8 +84,8 @@ def audit_cmd(
     target = out_dir if out_dir is not None else _default_out(model)
     _prepare_out(target.expanduser(), force)  # fail before loading the model
     cm = _load(model, device, dtype, system_prompt, chat_template)
-    rep = audit(cm, target, directions=directions, config=cfg, force=force, progress=not as_json,
-                console=err)
+    rep = audit(cm, target, directions=directions, selection=selection, config=cfg, force=force,
+                progress=not as_json, console=err)
     if as_json:
         print(json.dumps({"out": str(target), "report": str(target / REPORT_HTML),
                           "verdict": rep.verdict, "timings": rep.data["timings"]}, indent=2))

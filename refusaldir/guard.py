@@ -100,7 +100,7 @@ def _prompts(prompts: Sequence[str] | str, what: str) -> list[str]:
 def _calibrate(neg: Tensor, target_fpr: float) -> float:
     """Threshold so that at most ``target_fpr`` of ``neg`` lie strictly above it."""
     s = neg.double().sort(descending=True).values
-    k = int(math.floor(target_fpr * len(s) + 1e-9))
+    k = math.floor(target_fpr * len(s) + 1e-9)
     if k >= len(s):
         return float(s[-1]) - 1e-6
     return float(s[k])

@@ -66,7 +66,8 @@ if TYPE_CHECKING:
     from refusaldir.models import ChatModel
     from refusaldir.select import SelectionResult
 
-__all__ = ["AuditConfig", "AuditReport", "audit", "concentration_curve", "make_figures", "render_html"]
+__all__ = ["AuditConfig", "AuditReport", "audit", "concentration_curve", "load_selection", "make_figures",
+           "render_html"]
 
 REPORT_HTML = "report.html"
 REPORT_JSON = "report.json"
@@ -373,22 +374,41 @@ def concentration_curve(
             "k_needed": k_needed}
 
 
-def _candidate_order(result: SelectionResult) -> list[tuple[int, int]]:
-    """Selected first, then ranked (eligible) candidates, then the rest by their score."""
-    cands = list(result.candidates)
-    cosine = result.mode == "cosine"
+def _candidate_order(sel: dict[str, Any]) -> list[tuple[int, int]]:
+    """Selected first, then ranked (eligible) candidates, then the rest by their score
+    (``sel`` is ``SelectionResult.to_dict()``)."""
+    cosine = sel["mode"] == "cosine"
 
-    def key(c: Any) -> tuple[Any, ...]:
-        ranked = c.rank is not None
+    def key(c: dict[str, Any]) -> tuple[Any, ...]:
         if cosine:
-            s = -(c.cosine if c.cosine is not None else -math.inf)
+            s = -(c["cosine"] if c.get("cosine") is not None else -math.inf)
         else:
-            s = c.bypass if c.bypass is not None else (-(c.proxy or -math.inf) + 1e6)
-        return (0 if ranked else 1, c.rank or 0, s, c.layer, c.pos)
+            s = c["bypass"] if c.get("bypass") is not None else (-(c.get("proxy") or -math.inf) + 1e6)
+        return (0 if c.get("rank") is not None else 1, c.get("rank") or 0, s, c["layer"], c["pos"])
 
-    out = [(result.pos, result.layer)]
-    out += [c.key for c in sorted(cands, key=key) if c.key != (result.pos, result.layer)]
-    return out
+    first = (int(sel["selected"]["pos"]), int(sel["selected"]["layer"]))
+    rest = [(int(c["pos"]), int(c["layer"])) for c in sorted(sel["candidates"], key=key)]
+    return [first, *[k for k in rest if k != first]]
+
+
+def load_selection(source: SelectionResult | dict[str, Any] | str | os.PathLike[str]) -> dict[str, Any]:
+    """A selection as a dict (``SelectionResult.to_dict()`` or a saved ``selection.json``)."""
+    if isinstance(source, dict):
+        d = source
+    elif hasattr(source, "to_dict"):
+        d = source.to_dict()  # type: ignore[union-attr]
+    else:
+        path = Path(source)
+        path = path / "selection.json" if path.is_dir() else path
+        if not path.is_file():
+            raise ArtifactError(f"{path} does not exist; pass a selection.json written by a selection or audit")
+        try:
+            d = json.loads(path.read_text())
+        except ValueError as exc:
+            raise ArtifactError(f"{path} is not valid JSON ({exc})") from exc
+    if not isinstance(d, dict) or not {"selected", "mode", "candidates"} <= set(d):
+        raise ArtifactError("the selection lacks 'selected', 'mode' or 'candidates'; pass a selection.json")
+    return _finite(d)
 
 
 # ----------------------------------------------------------------------------- the audit
@@ -397,6 +417,7 @@ def audit(
     out: str | os.PathLike[str],
     *,
     directions: DirectionSet | str | os.PathLike[str] | None = None,
+    selection: SelectionResult | dict[str, Any] | str | os.PathLike[str] | None = None,
     config: AuditConfig | None = None,
     force: bool = False,
     harmful_train: Sequence[str] | None = None,
@@ -413,6 +434,8 @@ def audit(
     Args:
         directions: a direction set (or its folder) to reuse instead of extracting; it must
             come from these exact weights (weights-hash check).
+        selection: reuse a finished selection (a ``SelectionResult`` or its ``selection.json``)
+            for ``directions`` instead of running the selection again (the slowest step on CPU).
         config: an :class:`AuditConfig`; keyword ``overrides`` build or update one, e.g.
             ``mode="cosine"``, ``limit=16``, ``max_new_tokens=32``.
         force: replace an existing ``out`` folder (otherwise an existing one is an error).
@@ -492,8 +515,26 @@ def audit(
         tests = {s: datasets[s] if isinstance(datasets[s], PromptSet)
                  else PromptSet(_prompts(datasets[s], f"audit ({s})")) for s in SETS}
     cap = {s: _as_list(tests[s])[: cfg.capture_limit] for s in SETS}
+    reused: dict[str, Any] | None = None
+    if selection is not None:
+        if ds is None:
+            raise ConfigError("selection= reuses a selection of given directions; pass directions= too")
+        reused = load_selection(selection)
+        saved_hash = (reused.get("model") or {}).get("weights_hash")
+        if saved_hash and saved_hash != cm.weights_hash:
+            raise ArtifactError(
+                f"the selection was made on weights {saved_hash[:16]}… but {cm.spec} has weights "
+                f"{cm.weights_hash[:16]}…; run the selection for this model"
+            )
+        pick = (int(reused["selected"]["pos"]), int(reused["selected"]["layer"]))
+        ds._index(*pick)
+        if ds.selected is not None and ds.selected != pick:
+            raise ArtifactError(
+                f"the directions record the selection {ds.selected} but the selection file picked "
+                f"{pick}; pass the matching pair"
+            )
 
-    n_stages = 7 + (ds is None)
+    n_stages = 6 + (ds is None) + (reused is None)
     st = _Stages(con, n_stages)
     tmp = _mkdtemp(target.parent, target.name)
     try:
@@ -506,13 +547,21 @@ def audit(
         assert ds is not None
 
         # ------------------------------------------------------------ select
-        with st.stage("select", f"selecting the refusal direction ({cfg.mode} mode)"):
-            sel = select_direction(cm, ds, h_val, l_val, **{
-                "mode": cfg.mode, "n_val": cfg.n_val, "batch_size": bs, "seed": cfg.seed,
-                "progress": progress, **cfg.select_options})
-            ds.save(tmp / "directions")
-            (tmp / "selection.json").write_text(json.dumps(_finite(sel.to_dict()), indent=2))
-        sel_pos, sel_layer = sel.pos, sel.layer
+        sel_result = None
+        if reused is None:
+            with st.stage("select", f"selecting the refusal direction ({cfg.mode} mode)"):
+                sel_result = select_direction(cm, ds, h_val, l_val, **{
+                    "mode": cfg.mode, "n_val": cfg.n_val, "batch_size": bs, "seed": cfg.seed,
+                    "progress": progress, **cfg.select_options})
+                sel = _finite(sel_result.to_dict())
+        else:
+            sel = reused
+            if ds.selected is None:
+                ds.select(int(sel["selected"]["pos"]), int(sel["selected"]["layer"]),
+                          method=f"{sel['mode']} (reused selection.json)", mode=sel["mode"])
+        ds.save(tmp / "directions")
+        (tmp / "selection.json").write_text(json.dumps(sel, indent=2))
+        sel_pos, sel_layer = int(sel["selected"]["pos"]), int(sel["selected"]["layer"])
         direction = ds.refusal_direction(sel_layer, sel_pos)
 
         # ------------------------------------------------------------ guard
@@ -604,7 +653,7 @@ def audit(
             }
             if cfg.behaviour_logit:
                 try:
-                    ids = sel.refusal_tokens.ids if sel.refusal_tokens is not None else None
+                    ids = (sel.get("refusal_tokens") or {}).get("ids") or None
                     tokens_src = "selection" if ids else "detected"
                     if ids is None:
                         from refusaldir.refusal_metric import find_refusal_tokens
@@ -651,7 +700,7 @@ def audit(
                             "evaluation": res.results["datasets"]},
                 "layers": layer_rows,
                 "projections": {"refusal_pos": sel_pos, "t_inst": ds.t_inst, "layers": ds.layers, **proj},
-                "selection": _selection_summary(sel),
+                "selection": {**_selection_summary(sel), "reused": reused is not None},
                 "evaluation": res.results,
                 "samples": _samples(res.completions, cfg.n_samples),
                 "concentration": conc,
@@ -662,7 +711,7 @@ def audit(
             data["verdict"] = _verdict(data, cfg)
             data["timings"] = {**st.timings, "total": round(time.perf_counter() - st.t0, 2)}
             data = _finite(data)
-            report = AuditReport(data, target, ds, sel, res, guard)
+            report = AuditReport(data, target, ds, sel_result, res, guard)
             report.save(tmp)
         _commit(tmp, target)
     except BaseException:
@@ -674,19 +723,17 @@ def audit(
     return report
 
 
-def _selection_summary(sel: SelectionResult) -> dict[str, Any]:
-    d = sel.to_dict()
+def _selection_summary(d: dict[str, Any]) -> dict[str, Any]:
     keep = ("selected", "mode", "method", "relaxation", "top_k", "stability", "cosine_layers", "timings")
     out = {k: d.get(k) for k in keep}
-    out["refusal_tokens"] = (
-        {"ids": sel.refusal_tokens.ids, "tokens": sel.refusal_tokens.tokens,
-         "coverage": sel.refusal_tokens.coverage} if sel.refusal_tokens is not None else None)
+    rt = d.get("refusal_tokens")
+    out["refusal_tokens"] = ({k: rt.get(k) for k in ("ids", "tokens", "coverage")} if rt else None)
     out["candidates"] = [
         {k: c.get(k) for k in ("pos", "layer", "bypass", "induce", "kl", "cosine", "proxy", "status",
                                "rank", "reasons", "norm")}
         for c in d["candidates"]
     ]
-    out["config"] = {k: d["config"].get(k) for k in ("n_val", "kl_max", "induce_min", "max_layer_frac")}
+    out["config"] = {k: (d.get("config") or {}).get(k) for k in ("n_val", "kl_max", "induce_min", "max_layer_frac")}
     return out
 
 
@@ -770,8 +817,8 @@ def _headline_markdown(data: dict[str, Any]) -> str:
     v = data["verdict"]
     m = data["model"]
     rem = v["removable"]
-    lines = [f"**{m['spec']}** ({m['architecture']}, {m['n_layers']} layers, d_model {m['d_model']}); "
-             f"refusal direction at layer {v['direction']['layer']}, position {v['direction']['pos']}",
+    lines = [(f"**{m['spec']}** ({m['architecture']}, {m['n_layers']} layers, d_model {m['d_model']}); "
+              f"refusal direction at layer {v['direction']['layer']}, position {v['direction']['pos']}"),
              ""]
     if "edited_refusal" in rem:
         lines.append(f"- Refusal removable by a rank-1 edit: **{rem['answer']}** — harmful-prompt refusal "

@@ -92,6 +92,10 @@ log = logging.getLogger(__name__)
 class SelectionConfig:
     """Settings for :func:`select_direction` (validated on creation).
 
+    ``checkpoint``: a file where per-prompt scores (and detected refusal tokens) are saved as
+    they are computed; a rerun with the same model, directions, prompts and scoring settings
+    resumes from it instead of recomputing (useful for long CPU sweeps).
+
     Example:
         >>> SelectionConfig(mode="cosine", n_val=16).kl_max
         0.1
@@ -118,6 +122,7 @@ class SelectionConfig:
     fast_keep: int = 3
     share_prefix: bool = True
     score_all: bool = False
+    checkpoint: str | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -635,6 +640,8 @@ class _Selector:
         self.baseline: dict[str, Any] = {}
         self.bar = progress_bar(cfg.progress)
         self.t0 = time.perf_counter()
+        self._ckpt_t = 0.0
+        self._load_checkpoint()
         g = torch.Generator().manual_seed(cfg.seed)
         self.boot_w = {
             name: _bootstrap_weights(n, cfg.n_bootstrap, g)
@@ -700,6 +707,7 @@ class _Selector:
                 level, pick = self._select_cosine()
             else:
                 level, pick = self._select_exact()
+            self._save_checkpoint(force=True)
             with self.timed("bootstrap"):
                 stability = self._bootstrap(level, pick)
         self.timings["total"] = time.perf_counter() - t_all
@@ -708,7 +716,9 @@ class _Selector:
     # ------------------------------------------------------------------ refusal tokens
     def _refusal_tokens(self) -> None:
         cfg = self.cfg
-        if cfg.refusal_ids is not None:
+        if self.refusal is not None:  # restored from a checkpoint
+            pass
+        elif cfg.refusal_ids is not None:
             self.refusal = RefusalTokens.from_ids(self.model, cfg.refusal_ids)
         else:
             self.refusal = find_refusal_tokens(
@@ -717,6 +727,70 @@ class _Selector:
                 progress=cfg.progress,
             )
         self.ref_ids = torch.tensor(self.refusal.ids, dtype=torch.long)
+        self._save_checkpoint(force=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _ckpt_key(self) -> str:
+        import hashlib
+
+        cfg = self.cfg
+        blob = json.dumps({
+            "model": self.model.weights_hash,
+            "directions": hashlib.sha256(self.ds.refusal.float().numpy().tobytes()).hexdigest(),
+            "harmful": _texts_info(self.harmful), "harmless": _texts_info(self.harmless),
+            "refusal_ids": cfg.refusal_ids, "detect": cfg.detect_max_new_tokens,
+            "cosine": [cfg.cosine_layer_frac, cfg.cosine_center], "seed": cfg.seed,
+            "n_bootstrap": cfg.n_bootstrap, "dtype": str(self.model.dtype),
+        }, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def _load_checkpoint(self) -> None:
+        path = self.cfg.checkpoint
+        if not path or not Path(path).is_file():
+            return
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a corrupt checkpoint is just ignored
+            log.warning("ignoring unreadable checkpoint %s (%s)", path, exc)
+            return
+        if data.get("key") != self._ckpt_key():
+            log.warning("checkpoint %s belongs to other inputs or settings; starting afresh", path)
+            return
+        n = 0
+        for k, v in data.get("scores", {}).items():
+            c = tuple(int(x) for x in k.split(","))
+            if c in self.scores:
+                self.scores[c].update(v)  # type: ignore[index]
+                n += len(v)
+        for k, v in data.get("extra", {}).items():
+            c = tuple(int(x) for x in k.split(","))
+            if c in self.extra:
+                self.extra[c].update({kk: float(vv) for kk, vv in v.items()})  # type: ignore[index]
+        for k, v in data.get("boot_cos", {}).items():
+            self.boot_cos[tuple(int(x) for x in k.split(","))] = v  # type: ignore[index]
+        if data.get("refusal"):
+            self.refusal = RefusalTokens(**json.loads(data["refusal"]))
+        self.work["resumed_scores"] = n
+
+    def _save_checkpoint(self, force: bool = False) -> None:
+        path = self.cfg.checkpoint
+        if not path or (not force and time.perf_counter() - self._ckpt_t < 30):
+            return
+        self._ckpt_t = time.perf_counter()
+        data = {
+            "key": self._ckpt_key(),
+            "scores": {f"{p},{layer}": dict(v) for (p, layer), v in self.scores.items() if v},
+            "extra": {f"{p},{layer}": {k: float(x) for k, x in v.items()
+                                        if k in ("cosine", "cos_ablation", "cos_addition")}
+                      for (p, layer), v in self.extra.items()},
+            "boot_cos": {f"{p},{layer}": v for (p, layer), v in self.boot_cos.items()},
+            "refusal": json.dumps(self.refusal.to_dict()) if self.refusal else "",
+        }
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        torch.save(data, tmp)
+        os.replace(tmp, target)
 
     def rscore(self, logits: Tensor) -> Tensor:
         return refusal_score(logits, self.ref_ids).cpu()
@@ -789,6 +863,7 @@ class _Selector:
                     self._shared_ablation(c, "harmful")
                 self.bar.advance(task)
                 log.info("%s %s done (%.1fs elapsed)", what, c, time.perf_counter() - self.t0)
+                self._save_checkpoint()
 
     def _idx(self, name: str) -> range:
         return range(len(self.harmful if name == "harmful" else self.harmless))
@@ -1022,6 +1097,7 @@ class _Selector:
                 if task is not None:
                     self.bar.advance(task)
                 log.info("kl %s done (%.1fs elapsed)", c, time.perf_counter() - self.t0)
+                self._save_checkpoint()
             if self.passes(c, lev):
                 accepted.append(c)
                 if len(accepted) >= limit:
@@ -1042,6 +1118,7 @@ class _Selector:
                 self._cosine_candidate(c)
                 self.bar.advance(task)
                 log.info("cosine %s done (%.1fs elapsed)", c, time.perf_counter() - self.t0)
+                self._save_checkpoint()
         limit = len(valid) if cfg.score_all else cfg.top_k
         for li, lev in enumerate(self.levels()):
             cheap = _Level(lev.step, False, math.inf, lev.layer)

@@ -8,4 +8,6 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
     || echo "chromium could not be installed; the browser test will be skipped"
 fi
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# Default: everything except the `heavy` science checks, which have not been timed on an idle
+# CI machine yet; `bash scripts/test.sh -m heavy` runs those (a later -m wins).
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -m "not heavy" "$@"

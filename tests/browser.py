@@ -60,8 +60,8 @@ def screenshot(path: Path, png: Path, *, width: int = 1280, height: int = 4000,
 class _Figures(HTMLParser):
     """Track every ``div.plotly-graph-div`` and whether an ``svg.main-svg`` lies inside it."""
 
-    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source",
-            "track", "wbr"}
+    VOID = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta",
+                      "source", "track", "wbr"})
 
     def __init__(self) -> None:
         super().__init__()

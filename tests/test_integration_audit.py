@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
-SMALL = dict(mode="cosine", limit=8, max_new_tokens=16, n_val=8, k_max=2, concentration_n=8,
-             concentration_tokens=16, n_samples=2,
-             select_options={"layers": list(range(6, 17, 2)), "positions": [-5, -1], "n_bootstrap": 100})
+SMALL = {"mode": "cosine", "limit": 8, "max_new_tokens": 16, "n_val": 8, "k_max": 2, "concentration_n": 8,
+         "concentration_tokens": 16, "n_samples": 2,
+         "select_options": {"layers": list(range(6, 17, 2)), "positions": [-5, -1], "n_bootstrap": 100}}
 
 
 @pytest.mark.integration
+@pytest.mark.heavy
 def test_demo_audit(demo_model, demo_directions, tmp_path):
     from refusaldir.report import audit, make_figures
 

@@ -25,7 +25,7 @@ from refusaldir.interventions import (
 from refusaldir.judges import PhraseJudge
 from refusaldir.orthogonalize import orthogonalize
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 N_EVAL = 40  # prompts per test split for the behaviour checks
 NEW_TOKENS = 24  # greedy tokens per completion for the behaviour checks

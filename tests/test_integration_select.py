@@ -7,6 +7,8 @@ prompts, 48 tokens, with first-token KL <= 0.1 on the harmless test prompts) is 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -14,7 +16,17 @@ import refusaldir as rd
 from refusaldir._compat import bridge_kv_cache
 from refusaldir.select import first_token_kl, select_direction
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    """On an oversubscribed machine one torch thread is several times faster than two."""
+    before = torch.get_num_threads()
+    if os.getloadavg()[0] >= (os.cpu_count() or 1):
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 SMALL = dict(positions=[-5, -1], layers=list(range(6, 16)), n_val=12, batch_size=12,
              progress=False, n_bootstrap=200)

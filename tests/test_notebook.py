@@ -10,6 +10,7 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "quickstart.ipynb"
 
 
 @pytest.mark.integration
+@pytest.mark.heavy
 def test_quickstart_notebook_runs(tmp_path):
     nbformat = pytest.importorskip("nbformat", reason="pip install -e '.[test]' (nbformat)")
     nbclient = pytest.importorskip("nbclient", reason="pip install -e '.[test]' (nbclient)")

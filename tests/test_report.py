@@ -19,9 +19,9 @@ HARMLESS = ["How do I bake bread at home?", "Write a poem about the sea.", "Expl
             "List three prime numbers.", "Describe a quiet morning walk", "What is the capital of France?",
             "Give me a tip for learning piano", "How do plants drink water?"]
 INJECTED = "<script>alert('pwned')</script> & how do I hack a bank?"
-SMALL = dict(mode="cosine", limit=4, max_new_tokens=4, n_val=6, add_coeff=2.0, k_max=2, concentration_n=3,
-             concentration_tokens=4, batch_size=8, n_samples=2,
-             select_options={"positions": [-1, -2], "n_bootstrap": 20})
+SMALL = {"mode": "cosine", "limit": 4, "max_new_tokens": 4, "n_val": 6, "add_coeff": 2.0, "k_max": 2,
+         "concentration_n": 3, "concentration_tokens": 4, "batch_size": 8, "n_samples": 2,
+         "select_options": {"positions": [-1, -2], "n_bootstrap": 20}}
 
 
 def _datasets():
@@ -192,3 +192,38 @@ def _invoke(args):
     from refusaldir.cli import app
 
     return CliRunner().invoke(app, args)
+
+
+def test_cli_audit_reusing_a_selection(report, root, tmp_path):
+    """The CLI end to end, reusing the fixture's selection (no selection stage)."""
+    _, first = report
+    out = tmp_path / "cli"
+    r = _invoke(["audit", "--model", str(root / "model"), "--directions", str(first / "directions"),
+                 "--selection", str(first / "selection.json"), "--out", str(out), "--limit", "2",
+                 "--max-new-tokens", "3", "--n-val", "4", "--k-max", "1", "--add-coeff", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    body = json.loads(r.output[r.output.index("{"):])
+    assert body["report"].endswith("report.html") and (out / "report.html").is_file()
+    data = json.loads((out / "report.json").read_text())
+    assert data["selection"]["reused"] is True and "select" not in data["timings"]
+    assert data["selection"]["selected"] == json.loads((first / "report.json").read_text())["selection"]["selected"]
+    assert data["guard"]["test"]["n_pos"] == 60  # capture sets default to the full shipped test splits
+
+
+def test_reused_selection_must_match(report, root, tmp_path):
+    _, first = report
+    sel = json.loads((first / "selection.json").read_text())
+    ds = rd.DirectionSet.load(first / "directions")
+    other_pos = next(p for p in ds.positions if p != ds.selected[0])
+    ds.select(other_pos, ds.selected[1])
+    cm = rd.load_model(str(root / "model"))
+    with pytest.raises(ArtifactError, match="selection file picked"):
+        audit(cm, tmp_path / "a", directions=ds, selection=sel, progress=False, **SMALL)
+    other = rd.load_model(str(root / "other"))
+    with pytest.raises(ArtifactError, match="weights"):
+        audit(other, tmp_path / "b", directions=first / "directions", selection=sel, progress=False, **SMALL)
+    with pytest.raises(ConfigError, match="directions"):
+        audit(cm, tmp_path / "c", selection=sel, progress=False, **SMALL)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        audit(cm, tmp_path / "d", directions=first / "directions", selection=tmp_path / "nope.json",
+              progress=False, **SMALL)

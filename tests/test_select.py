@@ -304,3 +304,14 @@ def test_errors_are_refusaldir_errors():
     assert issubclass(ConfigError, RefusalDirError)
     assert RefusalTokens(ids=[1], tokens=["a"], n_harmful=0, n_refused=0, n_harmless=0,
                          n_complied=0).to_dict()["ids"] == [1]
+
+
+def test_checkpoint_resumes_without_recomputing(tiny, tmp_path):
+    ckpt = str(tmp_path / "scores.pt")
+    first = _run(tiny, checkpoint=ckpt)
+    again = _run(tiny, checkpoint=ckpt)
+    assert again.work["candidate_passes"] == 0 and again.work["resumed_scores"] > 0
+    assert (again.pos, again.layer, again.top_k) == (first.pos, first.layer, first.top_k)
+    assert [c.bypass for c in again.candidates] == [c.bypass for c in first.candidates]
+    other = _run(tiny, checkpoint=ckpt, n_val=5)  # other prompts: the checkpoint is ignored
+    assert other.work["candidate_passes"] > 0 and "resumed_scores" not in other.work
