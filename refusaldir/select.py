@@ -14,8 +14,12 @@ Three modes:
   where mean harmful and harmless activations differ most, ablating a good direction makes
   harmful activations look harmless and adding it makes harmless ones look harmful; the
   score is the sum of those two (centred) cosine similarities, guarded by the same KL bound.
-- ``fast``: prune the candidates with a cheap proxy computed from one unmodified pass (no
-  intervention passes), then score the survivors exactly.
+- ``fast``: rank the candidates by a cheap proxy computed from the one unmodified pass (no
+  intervention passes at all), then run exact mode on the ``fast_keep`` best. Filters are
+  relaxed within that pool; the pool only grows when none of it passes even the loosest KL
+  bound. So when the strict filters reject the whole candidate set (as on the demo model,
+  whose refusal log-odds never turn positive under addition), fast mode relaxes the same way
+  exact mode does; when they reject only the pool, it may relax earlier (recorded).
 
 When every candidate is filtered out nothing crashes: the filters are relaxed step by step
 (``RELAXATIONS``), the step used is recorded, and every candidate keeps its rejection reasons.
@@ -1061,17 +1065,19 @@ class _Selector:
             ranked += [c for c in pool if not self.layer_ok(c)]
             pool, rest = ranked[: cfg.fast_keep], ranked[cfg.fast_keep:]
         levels = self.levels()
+        # fast mode relaxes within its pool, but widens the pool before giving up on KL
+        widen_at = next((i for i, lev in enumerate(levels) if math.isinf(lev.kl_max)), len(levels))
         while True:
             self._ensure("induce", [c for c in pool if self.layer_ok(c)], "induce")
             for li, lev in enumerate(levels):
+                if rest and li == widen_at:
+                    break
                 cheap = _Level(lev.step, lev.induce, math.inf, lev.layer)
                 elig = [c for c in pool if self.passes(c, cheap)]
                 self._ensure("bypass", elig, "bypass")
                 accepted = self._walk(elig, lev)
                 if accepted:
                     return li, accepted[0]
-                if rest and li == 0:
-                    break  # fast mode: widen the pool before relaxing any filter
             else:
                 raise self._all_filtered()
             pool, rest = pool + rest[: cfg.fast_keep], rest[cfg.fast_keep:]

@@ -9,7 +9,7 @@ import pytest
 import refusaldir as rd
 from refusaldir.evaluate import evaluate
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 
 def test_demo_ablation_removes_refusal_without_moving_harmless(demo_model, demo_directions, tmp_path):
