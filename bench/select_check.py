@@ -12,13 +12,20 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import time
-import warnings
-from pathlib import Path
+
+# This folder holds a file named select.py, which would shadow the standard library's
+# `select` module (imported by subprocess) when a script here runs: drop the folder
+# from the import path before anything else is imported.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 
 def main() -> int:

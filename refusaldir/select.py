@@ -14,12 +14,12 @@ Three modes:
   where mean harmful and harmless activations differ most, ablating a good direction makes
   harmful activations look harmless and adding it makes harmless ones look harmful; the
   score is the sum of those two (centred) cosine similarities, guarded by the same KL bound.
-- ``fast``: rank the candidates by a cheap proxy computed from the one unmodified pass (no
-  intervention passes at all), then run exact mode on the ``fast_keep`` best. Filters are
-  relaxed within that pool; the pool only grows when none of it passes even the loosest KL
-  bound. So when the strict filters reject the whole candidate set (as on the demo model,
-  whose refusal log-odds never turn positive under addition), fast mode relaxes the same way
-  exact mode does; when they reject only the pool, it may relax earlier (recorded).
+- ``fast``: rank the candidates by a zero-pass proxy (the cosine score linearised on the
+  cached unmodified activations), walk that ranking checking only KL until ``fast_keep``
+  candidates pass it, and run exact mode on the walked pool. Strong directions rank first
+  and are the ones KL tends to reject, so most of the work is (early-stopped) KL passes;
+  induce and bypass are computed for the few survivors only. Relaxations apply within the
+  pool (recorded), so fast mode can relax a filter that a candidate outside the pool passes.
 
 When every candidate is filtered out nothing crashes: the filters are relaxed step by step
 (``RELAXATIONS``), the step used is recorded, and every candidate keeps its rejection reasons.
@@ -27,8 +27,9 @@ When every candidate is filtered out nothing crashes: the filters are relaxed st
 The ``shared`` method computes exactly what the straightforward ``naive`` loop computes, with
 less work: one shared prefix (system prompt) cached per intervention, the unmodified residual
 stream cached once so additions start at the candidate's layer, the LM head applied at the
-last position only, and cheap filters first (layer → induce → KL → bypass) so rejected
-candidates are never scored further.
+last position only, cheap filters first (layer → induce → bypass), and KL only where it can
+still change the pick, stopped early once the bound is provably exceeded. Candidates that
+are never fully scored say why (``"not scored: ..."``).
 
 Example:
     >>> import refusaldir as rd  # doctest: +SKIP
@@ -488,6 +489,7 @@ class _Engine:
         collect: tuple[list[int], list[int]] | None = None,
         collect_all: bool = False,
         want_logits: bool = True,
+        stop_if: Callable[[Tensor], bool] | None = None,
     ) -> tuple[Tensor | None, Tensor | None, list[Tensor] | None]:
         """Run ``fwd`` hooks over prompts ``idx`` of ``set_name``.
 
@@ -495,7 +497,8 @@ class _Engine:
         ``collect = (layers, positions)`` ``(n, layers, positions, d)``; with ``collect_all``,
         per prompt the ``resid_pre`` of every layer over its suffix ``(n_layers, len, d)``.
         ``start_layer`` skips the blocks below it and feeds ``start_resid(rows, width)``
-        (the cached residual) into it instead.
+        (the cached residual) into it instead. ``stop_if(logits_so_far)`` is asked after
+        every batch; when it says so, the remaining batches are skipped (partial results).
         """
         ps = self.sets[set_name]
         model = self.model
@@ -563,6 +566,8 @@ class _Engine:
                         if out is None:
                             raise RuntimeError("forward stopped before the last layer")
                         logits_out.append(self._logits(out.last_hidden_state[:, -1]))
+                        if stop_if is not None and stop_if(torch.cat(logits_out)):
+                            break
                     if collect is not None:
                         acts_out.append(torch.stack(
                             [buf[layer][:, c_pos.to(buf[layer].device)].float() for layer in c_layers],
@@ -785,7 +790,8 @@ class _Selector:
             "key": self._ckpt_key(),
             "scores": {f"{p},{layer}": dict(v) for (p, layer), v in self.scores.items() if v},
             "extra": {f"{p},{layer}": {k: float(x) for k, x in v.items()
-                                        if k in ("cosine", "cos_ablation", "cos_addition")}
+                                        if k in ("cosine", "cos_ablation", "cos_addition",
+                                                 "kl_lower_bound", "kl_prompts")}
                       for (p, layer), v in self.extra.items()},
             "boot_cos": {f"{p},{layer}": v for (p, layer), v in self.boot_cos.items()},
             "refusal": json.dumps(self.refusal.to_dict()) if self.refusal else "",
@@ -897,6 +903,31 @@ class _Selector:
         else:
             base = self.base_logits["harmless"]
             self.scores[c]["kl"] = first_token_kl(base, logits).cpu()  # type: ignore[arg-type]
+
+    def _kl_bounded(self, c: Key, bound: float) -> None:
+        """KL of ``c`` with an exact early exit: per-prompt KL is never negative, so once the
+        running sum exceeds ``bound · n`` the mean is known to exceed ``bound`` and the
+        remaining prompts are skipped (``kl_lower_bound`` is recorded instead of ``kl``)."""
+        if self.cfg.method == "naive":
+            self._naive_candidate(c)
+            return
+        base = self.base_logits["harmless"]
+        n = len(self.harmless)
+
+        def over(logits: Tensor) -> bool:
+            return float(first_token_kl(base[: logits.shape[0]], logits).sum()) > bound * n
+
+        logits, _, _ = self.eng.run("harmless", self._idx("harmless"), self._ablation_hooks(c),
+                                    key=("abl", c), stop_if=over if math.isfinite(bound) else None)
+        self.work["candidate_passes"] += 1
+        kl = first_token_kl(base[: logits.shape[0]], logits).cpu()  # type: ignore[union-attr]
+        if kl.shape[0] == n:
+            self.scores[c]["kl"] = kl
+            self.extra[c].pop("kl_lower_bound", None)
+            self.extra[c].pop("kl_prompts", None)
+        else:
+            self.extra[c]["kl_lower_bound"] = float(kl.sum()) / n
+            self.extra[c]["kl_prompts"] = float(kl.shape[0])
 
     # ------------------------------------------------------------------ cosine scores
     def _store_cos_acts(self, c: Key, kind: str, acts: Tensor | None, layers: list[int]) -> None:
@@ -1034,7 +1065,8 @@ class _Selector:
                 return False
         if not math.isinf(lev.kl_max):
             if s.get("kl") is None:
-                return None
+                lb = self.extra[c].get("kl_lower_bound")
+                return False if lb is not None and lb > lev.kl_max else None
             if not s["kl"] <= lev.kl_max:  # type: ignore[operator]
                 return False
         return True
@@ -1049,38 +1081,59 @@ class _Selector:
         3. bypass for the candidates that pass the induce filter (the objective);
         4. KL in increasing-bypass order until ``top_k`` candidates pass: a candidate whose
            bypass is worse than the ``top_k``-th accepted one cannot change the pick, so its
-           KL is never computed ("not scored").
+           KL is never computed ("not scored"). KL itself stops early, exactly, once the
+           running sum proves the mean exceeds the bound.
 
-        Each relaxation step reuses every score computed so far.
+        Each relaxation step reuses every score computed so far. In fast mode the pool is
+        the one built by :meth:`_fast_pool` instead of every candidate.
         """
         cfg = self.cfg
         pool = [c for c in self.cands if c not in self.degenerate]
         if cfg.score_all or cfg.method == "naive":
             for what in ("induce", "kl", "bypass"):
                 self._ensure(what, pool, f"{what} (all)")
-        rest: list[Key] = []
         if cfg.mode == "fast":
-            ranked = sorted((c for c in pool if self.layer_ok(c)),
-                            key=lambda c: (-self.extra[c]["proxy"], c[1], c[0]))
-            ranked += [c for c in pool if not self.layer_ok(c)]
-            pool, rest = ranked[: cfg.fast_keep], ranked[cfg.fast_keep:]
-        levels = self.levels()
-        # fast mode relaxes within its pool, but widens the pool before giving up on KL
-        widen_at = next((i for i, lev in enumerate(levels) if math.isinf(lev.kl_max)), len(levels))
-        while True:
-            self._ensure("induce", [c for c in pool if self.layer_ok(c)], "induce")
-            for li, lev in enumerate(levels):
-                if rest and li == widen_at:
-                    break
-                cheap = _Level(lev.step, lev.induce, math.inf, lev.layer)
-                elig = [c for c in pool if self.passes(c, cheap)]
-                self._ensure("bypass", elig, "bypass")
-                accepted = self._walk(elig, lev)
-                if accepted:
-                    return li, accepted[0]
-            else:
-                raise self._all_filtered()
-            pool, rest = pool + rest[: cfg.fast_keep], rest[cfg.fast_keep:]
+            pool = self._fast_pool(pool)
+        for li, lev in enumerate(self.levels()):
+            cand = [c for c in pool if self.passes(c, lev) is not False]
+            if lev.induce:
+                self._ensure("induce", cand, "induce")
+            cheap = _Level(lev.step, lev.induce, math.inf, lev.layer)
+            cand = [c for c in cand if self.passes(c, cheap)]
+            self._ensure("bypass", cand, "bypass")
+            accepted = self._walk(cand, lev)
+            if accepted:
+                return li, accepted[0]
+        raise self._all_filtered()
+
+    def _fast_pool(self, valid: list[Key]) -> list[Key]:
+        """Fast mode: walk the candidates in proxy order (best first), checking KL (with the
+        exact early exit) until ``fast_keep`` pass it; exact mode then runs on that pool.
+
+        The proxy ranks strong directions first, and strong directions are exactly the ones
+        the KL filter tends to reject, so the walk pays one (often truncated) KL pass per
+        rejected candidate and full induce/bypass scoring only for the survivors.
+        """
+        cfg = self.cfg
+        ranked = sorted((c for c in valid if self.layer_ok(c)),
+                        key=lambda c: (-self.extra[c]["proxy"], c[1], c[0]))
+        pool: list[Key] = []
+        kept = 0
+        task = self.bar.add_task("fast: KL in proxy order", total=cfg.fast_keep)
+        with self.timed("kl"):
+            for c in ranked:
+                pool.append(c)
+                if self.passes(c, _Level("kl", False, cfg.kl_max, True)) is None:
+                    self._kl_bounded(c, cfg.kl_max)
+                    log.info("kl %s done (%.1fs elapsed)", c, time.perf_counter() - self.t0)
+                    self._save_checkpoint()
+                if self.passes(c, _Level("kl", False, cfg.kl_max, True)):
+                    kept += 1
+                    self.bar.advance(task)
+                    if kept >= cfg.fast_keep:
+                        break
+        self.bar.remove_task(task)
+        return pool if kept else pool + [c for c in valid if c not in pool]
 
     def _walk(self, elig: list[Key], lev: _Level, limit: int | None = None) -> list[Key]:
         """Accept candidates best first (lowest bypass; cosine mode: highest cosine score),
@@ -1091,15 +1144,12 @@ class _Selector:
             order = sorted(elig, key=lambda c: (self.mean(c, "bypass"), c[1], c[0]))
         limit = limit or self.cfg.top_k
         accepted: list[Key] = []
-        need_kl = [c for c in order if "kl" not in self.scores[c]]
+        need_kl = [c for c in order if self.passes(c, lev) is None]
         task = self.bar.add_task("KL (lazy)", total=len(need_kl)) if need_kl else None
         for c in order:
-            if not math.isinf(lev.kl_max) and "kl" not in self.scores[c]:
+            if not math.isinf(lev.kl_max) and self.passes(c, lev) is None:
                 with self.timed("kl"):
-                    if self.cfg.method == "naive":
-                        self._naive_candidate(c)
-                    else:
-                        self._shared_ablation(c, "harmless")
+                    self._kl_bounded(c, lev.kl_max)
                 if task is not None:
                     self.bar.advance(task)
                 log.info("kl %s done (%.1fs elapsed)", c, time.perf_counter() - self.t0)
@@ -1199,7 +1249,10 @@ class _Selector:
             # Candidates whose KL was never checked count as eligible (conservative).
             ok = []
             for c in cands:
-                if math.isinf(lev.kl_max) or "kl" not in self.scores[c]:
+                if not math.isinf(lev.kl_max) and "kl" not in self.scores[c] \
+                        and self.passes(c, lev) is False:
+                    ok.append(torch.zeros(b, dtype=torch.bool))  # KL known to exceed the bound
+                elif math.isinf(lev.kl_max) or "kl" not in self.scores[c]:
                     ok.append(torch.ones(b, dtype=torch.bool))
                 else:
                     ok.append((w_l @ self.scores[c]["kl"].double()) <= lev.kl_max)
@@ -1222,6 +1275,8 @@ class _Selector:
                     m &= (w_l @ s["induce"].double()) > cfg.induce_min
                 if not math.isinf(lev.kl_max) and "kl" in s:
                     m &= (w_l @ s["kl"].double()) <= lev.kl_max
+                elif not math.isinf(lev.kl_max) and self.passes(c, lev) is False:
+                    m &= False  # KL known to exceed the bound (early stop)
                 ok.append(m)
             score = torch.stack(rows)
             score = torch.where(torch.stack(ok), score, torch.full_like(score, math.inf))
@@ -1332,6 +1387,11 @@ class _Selector:
             out.append(f"induce {ind:.3f} <= {self.cfg.induce_min:g}")
         if kl is not None and not kl <= lev.kl_max:
             out.append(f"KL {kl:.3f} > {lev.kl_max:g}")
+        lb = self.extra[c].get("kl_lower_bound")
+        if kl is None and lb is not None and lb > lev.kl_max:
+            done = int(self.extra[c].get("kl_prompts", 0))
+            out.append(f"KL >= {lb:.3f} > {lev.kl_max:g} (exact early stop after {done} of "
+                       f"{len(self.harmless)} prompts)")
         return out
 
 

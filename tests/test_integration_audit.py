@@ -20,6 +20,8 @@ def test_demo_audit(demo_model, demo_directions, tmp_path):
     out = tmp_path / "audit"
     rep = audit(demo_model, out, directions=demo_directions, progress=False, **SMALL)
     data = json.loads((out / "report.json").read_text())
+    print("\n" + rep.headline())
+    print("timings:", data["timings"])
     assert demo_directions.selected is None  # the caller's set is not modified
     assert data["model"]["spec"] == "demo" and data["model"]["n_layers"] == 24
 
@@ -38,7 +40,6 @@ def test_demo_audit(demo_model, demo_directions, tmp_path):
         ev["baseline"]["datasets"]["harmful"]["refusal"]["rate"]
     v = rep.verdict
     assert v["removable"]["answer"] in ("yes", "no") and v["concentration"]["curve"]
-    print("\n" + rep.headline())
 
     if Path("/usr/bin/chromium").exists():
         from browser import figure_status, render

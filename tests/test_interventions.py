@@ -346,6 +346,9 @@ def test_generate_records(qwen):
     assert rec["interventions"][0]["type"] == "ablation" and rec["interventions"][0]["layers"] == [1, 2]
     assert rec["prompt_tokens"] == len(qwen.template.encode([PROMPTS[0]])["input_ids"][0])
     json.dumps(rec)
+    a = generate(qwen, PROMPTS, max_new_tokens=4, do_sample=True, temperature=1.5, seed=3)
+    b = generate(qwen, PROMPTS, max_new_tokens=4, do_sample=True, temperature=1.5, seed=3)
+    assert [c.completion for c in a] == [c.completion for c in b]  # seeded sampling repeats
     # batching does not change greedy completions
     one = generate(qwen, PROMPTS, [Ablation(d, layers=[1, 2])], max_new_tokens=4, batch_size=1)
     assert [c.completion for c in one] == [c.completion for c in out]

@@ -108,6 +108,12 @@ def test_shared_scorer_matches_straightforward_loop(tiny):
     assert (lazy.pos, lazy.layer) == (naive.pos, naive.layer)
     assert lazy.work["candidate_passes"] < naive.work["candidate_passes"]
     assert shared.baseline["shared_prefix_tokens"] > 0
+    # a KL bound in the middle of the candidates' KLs: early-stopped KL, same pick as naive
+    kls = sorted(c.kl for c in naive.candidates if c.kl is not None)
+    mid = (kls[len(kls) // 2] + kls[len(kls) // 2 - 1]) / 2
+    a, b = _run(tiny, method="naive", kl_max=mid), _run(tiny, kl_max=mid)
+    assert (a.pos, a.layer, a.relaxation["step"]) == (b.pos, b.layer, b.relaxation["step"])
+    assert a.top_k[: len(b.top_k)] == b.top_k
 
 
 def test_late_start_and_prefix_reproduce_intervened_forward(tiny):
@@ -138,7 +144,7 @@ def test_late_start_and_prefix_reproduce_intervened_forward(tiny):
 
 # ----------------------------------------------------------------------------- filters
 def test_filter_reasons_and_statuses(tiny):
-    res = _run(tiny, max_layer_frac=0.6, kl_max=1e-12)  # layers >= 2.4 and every KL fail
+    res = _run(tiny, max_layer_frac=0.6, kl_max=1e-12, kl_relax=())  # layer >= 2.4, every KL fails
     for c in res.candidates:
         if c.layer >= 3:
             assert any(r.startswith("layer 3 >= 0.6") for r in c.reasons), c
@@ -147,6 +153,8 @@ def test_filter_reasons_and_statuses(tiny):
             assert any(r.startswith("induce") for r in c.reasons)
         if c.kl is not None:
             assert any(r.startswith("KL") for r in c.reasons)
+    assert any("exact early stop" in " ".join(c.reasons) for c in res.candidates)
+    assert all(c.kl is None for c in res.candidates if "early stop" in " ".join(c.reasons))
     not_scored = [c for c in res.candidates if c.status == "not scored"]
     assert not_scored and all(c.reasons for c in not_scored)
     assert all(any("not scored" in r or r.startswith("layer") for r in c.reasons) for c in not_scored)
