@@ -406,7 +406,7 @@ def _dataset_arg(value: str, fmt: str | None, column: str | None, limit: int | N
 def select_cmd(
     model: ModelOpt = "demo",
     directions: Annotated[Path, typer.Option(help="direction folder from `refusaldir extract`; the choice is saved there")] = Path("runs/demo"),
-    mode: Annotated[str, typer.Option(help="exact (bypass/induce/KL sweep), cosine (output-free) or fast (proxy-pruned exact)")] = "exact",
+    mode: Annotated[str, typer.Option(help="exact (bypass/induce/KL sweep), cosine (output-free) or fast (exact on a shortlist from short bypass passes)")] = "exact",
     harmful_val: Annotated[str, typer.Option(help="harmful validation prompts (file or shipped set)")] = "harmful:val",
     harmless_val: Annotated[str, typer.Option(help="harmless validation prompts (file or shipped set)")] = "harmless:val",
     n_val: Annotated[int, typer.Option(help="validation prompts used from each set")] = 32,

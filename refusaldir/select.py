@@ -14,12 +14,13 @@ Three modes:
   where mean harmful and harmless activations differ most, ablating a good direction makes
   harmful activations look harmless and adding it makes harmless ones look harmful; the
   score is the sum of those two (centred) cosine similarities, guarded by the same KL bound.
-- ``fast``: rank the candidates by a zero-pass proxy (the cosine score linearised on the
-  cached unmodified activations), walk that ranking checking only KL until ``fast_keep``
-  candidates pass it, and run exact mode on the walked pool. Strong directions rank first
-  and are the ones KL tends to reject, so most of the work is (early-stopped) KL passes;
-  induce and bypass are computed for the few survivors only. Relaxations apply within the
-  pool (recorded), so fast mode can relax a filter that a candidate outside the pool passes.
+- ``fast``: successive halving on the objective. Every candidate's bypass score is first
+  computed on only ``fast_prompts`` harmful validation prompts; the candidates are walked in
+  that order checking KL (early-stopped) until ``fast_keep`` pass it, and exact mode runs on
+  the walked pool (finishing bypass on the remaining prompts, scoring induce). Strong
+  directions rank first and are the ones KL tends to reject, so most of the work is the
+  short bypass passes. Relaxations apply within the pool (recorded), so fast mode can relax
+  a filter that a candidate outside the pool passes.
 
 When every candidate is filtered out nothing crashes: the filters are relaxed step by step
 (``RELAXATIONS``), the step used is recorded, and every candidate keeps its rejection reasons.
@@ -125,6 +126,7 @@ class SelectionConfig:
     cosine_layer_frac: float = 0.1
     cosine_center: bool = True
     fast_keep: int = 3
+    fast_prompts: int = 8
     share_prefix: bool = True
     score_all: bool = False
     checkpoint: str | None = None
@@ -137,7 +139,7 @@ class SelectionConfig:
             raise ConfigError(f"method={self.method!r} is not one of {', '.join(METHODS)}")
         if self.method == "naive" and self.mode != "exact":
             raise ConfigError("method='naive' (the straightforward loop) exists for mode='exact' only")
-        for name in ("n_val", "batch_size", "top_k", "fast_keep", "detect_max_new_tokens"):
+        for name in ("n_val", "batch_size", "top_k", "fast_keep", "fast_prompts", "detect_max_new_tokens"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if int(self.n_bootstrap) < 0:
@@ -393,6 +395,7 @@ class _Engine:
         self.tuple_out: bool | None = None
         self._prefix_cache: dict[Any, Any] = {}
         self.forward_tokens = 0  # tokens pushed through the decoder (work counter)
+        self.last_rows: list[int] = []  # prompts covered by the last run(), in its output order
 
     # ------------------------------------------------------------------ batches
     def batches(self, ps: _PromptSet, idx: Sequence[int]) -> Iterator[tuple[list[int], dict[str, Tensor]]]:
@@ -489,7 +492,7 @@ class _Engine:
         collect: tuple[list[int], list[int]] | None = None,
         collect_all: bool = False,
         want_logits: bool = True,
-        stop_if: Callable[[Tensor], bool] | None = None,
+        stop_if: Callable[[list[int], Tensor], bool] | None = None,
     ) -> tuple[Tensor | None, Tensor | None, list[Tensor] | None]:
         """Run ``fwd`` hooks over prompts ``idx`` of ``set_name``.
 
@@ -497,8 +500,12 @@ class _Engine:
         ``collect = (layers, positions)`` ``(n, layers, positions, d)``; with ``collect_all``,
         per prompt the ``resid_pre`` of every layer over its suffix ``(n_layers, len, d)``.
         ``start_layer`` skips the blocks below it and feeds ``start_resid(rows, width)``
-        (the cached residual) into it instead. ``stop_if(logits_so_far)`` is asked after
-        every batch; when it says so, the remaining batches are skipped (partial results).
+        (the cached residual) into it instead.
+
+        Prompts are batched in order of suffix length (less padding; results come back in
+        ``idx`` order). ``stop_if(rows_so_far, logits_so_far)`` is asked after every batch;
+        when it says so, the remaining batches are skipped and the partial results cover the
+        prompts listed in ``self.last_rows`` (in that order).
         """
         ps = self.sets[set_name]
         model = self.model
@@ -534,9 +541,12 @@ class _Engine:
         cache0 = self._prefix(None if key is None else (key, stop_at), all_hooks) \
             if self.prefix_len else None
         probe = self._probe_output_type() if self.tuple_out is None else None
+        order = sorted(idx, key=lambda i: len(ps.suffix[i]))
+        done: list[int] = []
         try:
             with hooks(model, all_hooks), torch.inference_mode(), bridge_kv_cache():
-                for rows, enc in self.batches(ps, idx):
+                for rows, enc in self.batches(ps, order):
+                    done.extend(rows)
                     buf.clear()
                     kw: dict[str, Any] = dict(enc)
                     if cache0 is not None:
@@ -566,7 +576,8 @@ class _Engine:
                         if out is None:
                             raise RuntimeError("forward stopped before the last layer")
                         logits_out.append(self._logits(out.last_hidden_state[:, -1]))
-                        if stop_if is not None and stop_if(torch.cat(logits_out)):
+                        if stop_if is not None and len(done) < len(order) \
+                                and stop_if(list(done), torch.cat(logits_out)):
                             break
                     if collect is not None:
                         acts_out.append(torch.stack(
@@ -582,6 +593,17 @@ class _Engine:
                 probe.remove()
         logits = torch.cat(logits_out) if logits_out else None
         acts = torch.cat(acts_out) if acts_out else None
+        # back to the caller's order (or, after an early stop, the order of ``done``)
+        target = list(idx) if len(done) == len(order) else done
+        where = {i: r for r, i in enumerate(done)}
+        perm = torch.tensor([where[i] for i in target], dtype=torch.long)
+        self.last_rows = target
+        if logits is not None:
+            logits = logits[perm.to(logits.device)]
+        if acts is not None:
+            acts = acts[perm.to(acts.device)]
+        if collect_all:
+            resid_out = [resid_out[r] for r in perm.tolist()]
         return logits, acts, (resid_out if collect_all else None)
 
 
@@ -893,16 +915,30 @@ class _Selector:
             self._store_cos_acts(c, "addition", acts, cl)
 
     def _shared_ablation(self, c: Key, name: str) -> None:
-        collect = (self.cos_layers, self.positions) if name == "harmful" else None
-        logits, acts, _ = self.eng.run(name, self._idx(name), self._ablation_hooks(c),
-                                       key=("abl", c), collect=collect)
-        self.work["candidate_passes"] += 1
         if name == "harmful":
-            self.scores[c]["bypass"] = self.rscore(logits)  # type: ignore[arg-type]
-            self._store_cos_acts(c, "ablation", acts, self.cos_layers)
-        else:
-            base = self.base_logits["harmless"]
-            self.scores[c]["kl"] = first_token_kl(base, logits).cpu()  # type: ignore[arg-type]
+            self._bypass(c)
+            return
+        logits, _, _ = self.eng.run(name, self._idx(name), self._ablation_hooks(c), key=("abl", c))
+        self.work["candidate_passes"] += 1
+        base = self.base_logits["harmless"]
+        self.scores[c]["kl"] = first_token_kl(base, logits).cpu()  # type: ignore[arg-type]
+
+    def _bypass(self, c: Key) -> None:
+        """Bypass score on every harmful prompt (continuing a fast-mode partial score)."""
+        collect = (self.cos_layers, self.positions)
+        head: tuple[Tensor, Tensor] | None = self.extra[c].pop("_head", None)  # type: ignore[assignment]
+        m = 0 if head is None else int(head[0].shape[0])
+        n = len(self.harmful)
+        scores, acts = (head[0], head[1]) if head is not None else (None, None)
+        if m < n:
+            logits, rest, _ = self.eng.run("harmful", range(m, n), self._ablation_hooks(c),
+                                           key=("abl", c), collect=collect)
+            self.work["candidate_passes"] += 1
+            more = self.rscore(logits)  # type: ignore[arg-type]
+            scores = more if scores is None else torch.cat([scores, more])
+            acts = rest if acts is None else torch.cat([acts, rest])  # type: ignore[list-item]
+        self.scores[c]["bypass"] = scores  # type: ignore[assignment]
+        self._store_cos_acts(c, "ablation", acts, self.cos_layers)
 
     def _kl_bounded(self, c: Key, bound: float) -> None:
         """KL of ``c`` with an exact early exit: per-prompt KL is never negative, so once the
@@ -914,13 +950,13 @@ class _Selector:
         base = self.base_logits["harmless"]
         n = len(self.harmless)
 
-        def over(logits: Tensor) -> bool:
-            return float(first_token_kl(base[: logits.shape[0]], logits).sum()) > bound * n
+        def over(rows: list[int], logits: Tensor) -> bool:
+            return float(first_token_kl(base[rows], logits).sum()) > bound * n
 
         logits, _, _ = self.eng.run("harmless", self._idx("harmless"), self._ablation_hooks(c),
                                     key=("abl", c), stop_if=over if math.isfinite(bound) else None)
         self.work["candidate_passes"] += 1
-        kl = first_token_kl(base[: logits.shape[0]], logits).cpu()  # type: ignore[union-attr]
+        kl = first_token_kl(base[self.eng.last_rows], logits).cpu()  # type: ignore[arg-type]
         if kl.shape[0] == n:
             self.scores[c]["kl"] = kl
             self.extra[c].pop("kl_lower_bound", None)
@@ -1107,33 +1143,60 @@ class _Selector:
         raise self._all_filtered()
 
     def _fast_pool(self, valid: list[Key]) -> list[Key]:
-        """Fast mode: walk the candidates in proxy order (best first), checking KL (with the
-        exact early exit) until ``fast_keep`` pass it; exact mode then runs on that pool.
+        """Fast mode: rank the candidates by their bypass score on the first ``fast_prompts``
+        harmful validation prompts (a quarter of the work of a full bypass pass), walk that
+        ranking checking KL (with the exact early exit) until ``fast_keep`` candidates pass
+        it, and hand the walked pool to exact mode (which finishes their bypass on the
+        remaining prompts, reusing the first ones).
 
-        The proxy ranks strong directions first, and strong directions are exactly the ones
-        the KL filter tends to reject, so the walk pays one (often truncated) KL pass per
-        rejected candidate and full induce/bypass scoring only for the survivors.
+        The strongest directions rank first and are the ones KL tends to reject, so the walk
+        pays one (often truncated) KL pass per rejected candidate and full scoring only for
+        the few survivors. If no candidate passes KL, the pool is every valid candidate.
         """
         cfg = self.cfg
-        ranked = sorted((c for c in valid if self.layer_ok(c)),
-                        key=lambda c: (-self.extra[c]["proxy"], c[1], c[0]))
+        m = min(cfg.fast_prompts, len(self.harmful))
+        ranked = [c for c in valid if self.layer_ok(c)]
+        task = self.bar.add_task(f"fast: bypass on {m} prompts", total=len(ranked))
+        with self.timed("bypass"):
+            for c in ranked:
+                if "bypass" not in self.scores[c] and "_bypass_head" not in self.extra[c]:
+                    self._partial_bypass(c, m)
+                self.bar.advance(task)
+        self.bar.remove_task(task)
+
+        def head(c: Key) -> float:
+            s = self.scores[c].get("bypass")
+            return float(s[:m].mean()) if s is not None else float(self.extra[c]["bypass_head"])
+
+        ranked.sort(key=lambda c: (head(c), c[1], c[0]))
         pool: list[Key] = []
         kept = 0
-        task = self.bar.add_task("fast: KL in proxy order", total=cfg.fast_keep)
+        kl_level = _Level("kl", False, cfg.kl_max, True)
+        task = self.bar.add_task("fast: KL in that order", total=cfg.fast_keep)
         with self.timed("kl"):
             for c in ranked:
                 pool.append(c)
-                if self.passes(c, _Level("kl", False, cfg.kl_max, True)) is None:
+                if self.passes(c, kl_level) is None:
                     self._kl_bounded(c, cfg.kl_max)
                     log.info("kl %s done (%.1fs elapsed)", c, time.perf_counter() - self.t0)
                     self._save_checkpoint()
-                if self.passes(c, _Level("kl", False, cfg.kl_max, True)):
+                if self.passes(c, kl_level):
                     kept += 1
                     self.bar.advance(task)
                     if kept >= cfg.fast_keep:
                         break
         self.bar.remove_task(task)
         return pool if kept else pool + [c for c in valid if c not in pool]
+
+    def _partial_bypass(self, c: Key, m: int) -> None:
+        """Bypass score of ``c`` on the first ``m`` harmful prompts (kept for completion)."""
+        collect = (self.cos_layers, self.positions)
+        logits, acts, _ = self.eng.run("harmful", range(m), self._ablation_hooks(c),
+                                       key=("abl", c), collect=collect)
+        self.work["candidate_passes"] += 1
+        head = self.rscore(logits)  # type: ignore[arg-type]
+        self.extra[c]["bypass_head"] = float(head.mean())
+        self.extra[c]["_head"] = (head, acts)  # type: ignore[assignment]
 
     def _walk(self, elig: list[Key], lev: _Level, limit: int | None = None) -> list[Key]:
         """Accept candidates best first (lowest bypass; cosine mode: highest cosine score),
@@ -1344,7 +1407,7 @@ class _Selector:
             else:
                 rec.status = "passed"
             if rec.status == "not scored" and not rec.reasons and primary is None:
-                rec.reasons = ["not scored: pruned by the fast-mode proxy" if cfg.mode == "fast"
+                rec.reasons = ["not scored: pruned by fast mode (short bypass ranking)" if cfg.mode == "fast"
                                else "not scored"]
             elif rec.status == "not scored":
                 missing = [k for k in ("induce", "kl", "bypass") if getattr(rec, k) is None]

@@ -8,6 +8,7 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
     || echo "chromium could not be installed; the browser test will be skipped"
 fi
-# Default: everything except the `heavy` science checks, which have not been timed on an idle
-# CI machine yet; `bash scripts/test.sh -m heavy` runs those (a later -m wins).
-exec .venv/bin/python -m pytest -q -p no:cacheprovider -m "not heavy" "$@"
+# Everything: unit tests, then the science checks on the real models (about 40 min on 2 idle
+# CPU cores, most of it the `heavy` ones). Extra arguments go to pytest, e.g.
+# `-m "not integration"` (unit tests only, ~2 min) or `-m "not heavy"`.
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"

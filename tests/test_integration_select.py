@@ -1,7 +1,8 @@
-"""Integration: direction selection on the demo model (slow; small settings, ~5 min on 2 cores).
+"""Integration: direction selection on the demo model (~8 min on 2 cores).
 
-The full claim (ablating the selected direction leaves <= 5% refusals on all 60 harmful test
-prompts, 48 tokens, with first-token KL <= 0.1 on the harmless test prompts) is measured by
+Cosine mode runs on a small candidate subset; fast mode runs with its defaults on every
+candidate. The full claim (ablating the selected direction leaves <= 5% refusals on all 60
+harmful test prompts with first-token KL <= 0.1 on the harmless test prompts) is measured by
 ``bench/select_check.py``; here it is checked on a 20-prompt subset with 32 new tokens.
 """
 
@@ -40,7 +41,10 @@ def test_cosine_mode_on_demo(demo_model, demo_directions):
     sel = res.selected
     assert sel.cosine is not None and sel.kl is not None and sel.kl <= 0.1
     scored = [c for c in res.candidates if c.cosine is not None]
-    assert len(scored) == 20 and max(c.cosine for c in scored) == sel.cosine
+    assert len(scored) == 20
+    # the pick has the best cosine score among candidates that pass KL; every better one failed KL
+    better = [c for c in scored if c.cosine > sel.cosine]
+    assert all(c.status == "rejected" and any("KL" in r for r in c.reasons) for c in better), better
     assert 0 < res.stability["top1_share"] <= 1
 
 
@@ -50,7 +54,8 @@ def test_fast_mode_on_demo_and_ablation_bypasses_refusal(demo_model, demo_direct
     from refusaldir.judges import PhraseJudge, refusal_rate
 
     model, ds = demo_model, demo_directions
-    res = select_direction(model, ds, mode="fast", **SMALL)
+    # every candidate and the CLI's default 32 + 32 validation prompts: what users run
+    res = select_direction(model, ds, mode="fast", progress=False, n_bootstrap=200)
     rt = res.refusal_tokens
     assert rt is not None and rt.ids and rt.n_refused > 0
     assert res.baseline["refusal_score_harmful"] > res.baseline["refusal_score_harmless"]

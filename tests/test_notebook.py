@@ -29,5 +29,6 @@ def test_quickstart_notebook_runs(tmp_path):
     assert "selected: position" in text and "guard AUROC" in text
     assert "| baseline |" in text and "| ablate |" in text
     plots = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
-             if o.output_type == "execute_result" and "application/vnd.plotly.v1+json" in o.get("data", {})]
+             if o.output_type in ("execute_result", "display_data")  # plotly displays, not returns
+             and "application/vnd.plotly.v1+json" in o.get("data", {})]
     assert len(plots) == 2

@@ -203,11 +203,17 @@ def test_deterministic(tiny):
 
 def test_fast_mode_prunes_and_keeps_pick(tiny):
     exact = _run(tiny, induce_min=-100.0)
-    fast = _run(tiny, induce_min=-100.0, mode="fast", fast_keep=2)
-    assert fast.work["candidate_passes"] < exact.work["candidate_passes"]
+    fast = _run(tiny, induce_min=-100.0, mode="fast", fast_keep=2, fast_prompts=2)
+    assert fast.work["forward_tokens"] < exact.work["forward_tokens"]
     pruned = [c for c in fast.candidates if c.bypass is None]
     assert pruned and all("pruned" in " ".join(c.reasons) or c.layer >= 3.2 for c in pruned)
+    assert all("bypass_head" in c.details for c in pruned if c.layer < 3.2)
     assert all(c.proxy is not None for c in fast.candidates)
+    # a bypass finished from the short pass equals the one computed in one go
+    ex = {(c.pos, c.layer): c for c in exact.candidates}
+    done = [c for c in fast.candidates if c.bypass is not None]
+    assert done and all(abs(c.bypass - ex[c.pos, c.layer].bypass) < 1e-5 for c in done)
+    assert (fast.pos, fast.layer) == (exact.pos, exact.layer)
 
 
 def test_zero_directions_are_skipped(tiny):
