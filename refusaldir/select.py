@@ -1159,7 +1159,7 @@ class _Selector:
         task = self.bar.add_task(f"fast: bypass on {m} prompts", total=len(ranked))
         with self.timed("bypass"):
             for c in ranked:
-                if "bypass" not in self.scores[c] and "_bypass_head" not in self.extra[c]:
+                if "bypass" not in self.scores[c] and "_head" not in self.extra[c]:
                     self._partial_bypass(c, m)
                 self.bar.advance(task)
         self.bar.remove_task(task)
