@@ -19,8 +19,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +29,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from refusaldir.errors import ConfigError
+from refusaldir.interventions import applied_all
 from refusaldir.metrics import wilson_interval
 
 if TYPE_CHECKING:
@@ -57,14 +57,6 @@ class Condition:
     def record(self) -> dict[str, Any]:
         return {"description": self.description,
                 "interventions": [i.to_dict() for i in self.interventions], **self.info}
-
-
-@contextmanager
-def _active(model: ChatModel, interventions: Sequence[Any]) -> Iterator[None]:
-    with ExitStack() as stack:
-        for i in interventions:
-            stack.enter_context(i.apply(model))
-        yield
 
 
 def build_conditions(
@@ -173,7 +165,7 @@ def first_token_logprobs(
     rows = []
     decoder = model.hf.get_decoder()
     head = model.hf.get_output_embeddings()
-    with _active(model, interventions), torch.inference_mode():
+    with applied_all(model, interventions), torch.inference_mode():
         for s in range(0, len(prompts), batch_size):
             enc = {k: v.to(model.device) for k, v in model.template.encode(list(prompts[s : s + batch_size])).items()}
             hidden = decoder(**enc, use_cache=False).last_hidden_state[:, -1]
@@ -197,7 +189,7 @@ def completion_loss(
     """Token-weighted cross-entropy of ``completions`` given their prompts (teacher forcing)."""
     tok = model.tokenizer
     total, count = 0.0, 0
-    with _active(model, interventions), torch.inference_mode():
+    with applied_all(model, interventions), torch.inference_mode():
         for s in range(0, len(prompts), batch_size):
             p_enc = model.template.encode(list(prompts[s : s + batch_size]))
             rows, targets = [], []
@@ -237,7 +229,7 @@ def text_loss(
         raise ConfigError("the text file has fewer than 2 tokens; pass a longer plain-text file")
     pieces = [ids[i : i + chunk] for i in range(0, len(ids), chunk) if len(ids[i : i + chunk]) > 1]
     total, count = 0.0, 0
-    with _active(model, interventions), torch.inference_mode():
+    with applied_all(model, interventions), torch.inference_mode():
         for s in range(0, len(pieces), batch_size):
             batch = pieces[s : s + batch_size]
             width = max(len(p) for p in batch)

@@ -32,7 +32,6 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -331,12 +330,11 @@ class LatentGuard:
     ) -> Float[Tensor, "batch layer"]:
         """Per-layer raw scores of ``prompts`` (optionally under ``interventions``)."""
         from refusaldir.capture import iter_activations
+        from refusaldir.interventions import applied_all
 
         texts = _prompts(prompts, "LatentGuard")
         out = torch.empty(len(texts), len(self.layers), dtype=torch.float64)
-        with ExitStack() as stack:
-            for i in interventions:
-                stack.enter_context(i.apply(model))
+        with applied_all(model, interventions):
             for start, acts in iter_activations(
                 model, texts, layers=self.layers, positions=[self.t_inst], hook_point=self.hook_point,
                 batch_size=batch_size, progress=progress, description=description,
