@@ -40,9 +40,10 @@ def main() -> int:
     ap.add_argument("--layers", default="8-17", help="candidate layers, e.g. 8-17")
     ap.add_argument("--n-val", type=int, default=32, help="validation prompts per set (CLI default)")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--fast-keep", type=int, default=3)
-    ap.add_argument("--fast-prompts", type=int, default=8)
-    ap.add_argument("--modes", default="naive,exact,fast", help="subset of naive,exact,fast,cosine")
+    ap.add_argument("--fast-keep", type=int, default=None, help="fast mode's finalists (default: the library's)")
+    ap.add_argument("--fast-prompts", type=int, default=None, help="fast mode's short-pass prompts (default: the library's)")
+    ap.add_argument("--modes", default="naive,exact,fast,fast:3",
+                    help="subset of naive,exact,fast,cosine; fast:K is fast mode with fast_keep=K")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
@@ -83,18 +84,23 @@ def main() -> int:
 
     common = dict(positions=positions, layers=layers, n_val=args.n_val, batch_size=args.batch_size,
                   refusal_ids=tokens.ids, progress=False, record=False, n_bootstrap=200)
+    fast = {k: v for k, v in (("fast_keep", args.fast_keep), ("fast_prompts", args.fast_prompts))
+            if v is not None}
     settings = {
         "naive": dict(mode="exact", method="naive"),
         "exact": dict(mode="exact", method="shared"),
-        "fast": dict(mode="fast", fast_keep=args.fast_keep, fast_prompts=args.fast_prompts),
+        "fast": dict(mode="fast", **fast),
         "cosine": dict(mode="cosine"),
     }
     rows = []
     for mode in modes:
+        name, _, keep = mode.partition(":")
+        opts = {**settings[name], **({"fast_keep": int(keep)} if keep else {})}
         t = time.perf_counter()
-        res = select_direction(model, ds, harmful, harmless, **common, **settings[mode])
+        res = select_direction(model, ds, harmful, harmless, **common, **opts)
         secs = time.perf_counter() - t
         rows.append({"mode": mode, "seconds": secs, "pick": [res.pos, res.layer],
+                     "fast_keep": res.config.fast_keep if name == "fast" else None,
                      "relaxation": res.relaxation["step"], "work": res.work,
                      "timings": res.timings, "top_k": res.top_k})
         print(f"{mode}: {secs:.1f}s, pick {res.pos},{res.layer}", file=sys.stderr)

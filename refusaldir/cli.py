@@ -419,6 +419,8 @@ def select_cmd(
     top_k: Annotated[int, typer.Option(help="candidates listed (and KL-checked) besides the pick")] = 5,
     bootstrap: Annotated[int, typer.Option(help="bootstrap resamples of the validation prompts (0: off)")] = 1000,
     method: Annotated[str, typer.Option(help="shared (fast, same result) or naive (the straightforward loop)")] = "shared",
+    fast_prompts: Annotated[int, typer.Option(help="fast mode: harmful prompts in the short bypass pass that ranks candidates")] = 8,
+    fast_keep: Annotated[int, typer.Option(help="fast mode: KL-passing finalists scored on every validation prompt")] = 2,
     batch_size: Annotated[int, typer.Option(help="prompts per forward pass")] = 16,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (on a busy machine 1 can be much faster)")] = None,
     column: Annotated[str | None, typer.Option(help="prompt column in CSV/JSON files")] = None,
@@ -448,7 +450,8 @@ def select_cmd(
         mode=mode, method=method, n_val=n_val, kl_max=kl_max, max_layer_frac=max_layer_frac,
         induce_min=induce_min, positions=ints(positions, "positions"), layers=ints(layers, "layers"),
         refusal_ids=ints(refusal_tokens, "positions"), top_k=top_k, n_bootstrap=bootstrap,
-        batch_size=batch_size, seed=seed, progress=not as_json,
+        batch_size=batch_size, seed=seed, progress=not as_json, fast_prompts=fast_prompts,
+        fast_keep=fast_keep,
     )
     if threads is not None:
         if threads < 1:

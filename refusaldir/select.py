@@ -16,20 +16,24 @@ Three modes:
   score is the sum of those two (centred) cosine similarities, guarded by the same KL bound.
 - ``fast``: successive halving on the objective. Every candidate's bypass score is first
   computed on only ``fast_prompts`` harmful validation prompts; the candidates are walked in
-  that order checking KL (early-stopped) until ``fast_keep`` pass it, and exact mode runs on
-  the walked pool (finishing bypass on the remaining prompts, scoring induce). Strong
-  directions rank first and are the ones KL tends to reject, so most of the work is the
-  short bypass passes. Relaxations apply within the pool (recorded), so fast mode can relax
-  a filter that a candidate outside the pool passes.
+  that order checking KL (early-stopped) until ``fast_keep`` (default 2) pass it, and exact
+  mode runs on the walked pool (finishing bypass on the remaining prompts for the finalists,
+  scoring induce). Strong directions rank first and are the ones KL tends to reject, so most
+  of the work is the short bypass passes. Relaxations apply within the pool (recorded), so
+  fast mode can relax a filter that a candidate outside the pool passes; a larger
+  ``fast_keep`` compares more finalists on the full validation set.
 
 When every candidate is filtered out nothing crashes: the filters are relaxed step by step
 (``RELAXATIONS``), the step used is recorded, and every candidate keeps its rejection reasons.
 
 The ``shared`` method computes exactly what the straightforward ``naive`` loop computes, with
-less work: one shared prefix (system prompt) cached per intervention, the unmodified residual
-stream cached once so additions start at the candidate's layer, the LM head applied at the
-last position only, cheap filters first (layer → induce → bypass), and KL only where it can
-still change the pick, stopped early once the bound is provably exceeded. Candidates that
+less work: the shared prefix (system prompt) run once for a whole batch of candidates and
+its KV cache reused, several candidates' ablations scored in the same batches (rows of one
+prompt share a width, so there is little padding), the unmodified residual stream cached
+once so additions start at the candidate's layer, the LM head applied at the last position
+only, cheap filters first (layer → induce → bypass), and KL only where it can still change
+the pick, stopped early once the bound is provably exceeded (prompts that moved earlier
+candidates most go first, so a rejection needs fewer of them). Candidates that
 are never fully scored say why (``"not scored: ..."``).
 
 Example:
@@ -37,7 +41,7 @@ Example:
     >>> model, ds = rd.load_model("demo"), rd.DirectionSet.load("runs/demo")  # doctest: +SKIP
     >>> result = select_direction(model, ds, mode="exact")  # doctest: +SKIP
     >>> result.pos, result.layer, ds.selected  # doctest: +SKIP
-    (-1, 11, (-1, 11))
+    (-2, 15, (-2, 15))
     >>> result.save("runs/demo"); ds.save("runs/demo")  # doctest: +SKIP
 """
 
@@ -90,6 +94,7 @@ RELAXATIONS = (
     "ignore all filters",
 )
 ABLATION_POINTS = ("resid_pre", "attn_out", "mlp_out")
+_MANY = 8  # candidates scored together in one batched pass (progress/checkpoint granularity)
 log = logging.getLogger(__name__)
 
 
@@ -125,7 +130,7 @@ class SelectionConfig:
     kl_relax: tuple[float, ...] = (0.2, 0.5, 1.0, 2.0)
     cosine_layer_frac: float = 0.1
     cosine_center: bool = True
-    fast_keep: int = 3
+    fast_keep: int = 2
     fast_prompts: int = 8
     share_prefix: bool = True
     score_all: bool = False
@@ -395,7 +400,8 @@ class _Engine:
         self.tuple_out: bool | None = None
         self._prefix_cache: dict[Any, Any] = {}
         self.forward_tokens = 0  # tokens pushed through the decoder (work counter)
-        self.last_rows: list[int] = []  # prompts covered by the last run(), in its output order
+        self.row_param: Tensor | None = None  # run_many: per-row intervention parameters
+        self._banks: list[tuple[dict[Any, int], Any]] = []  # run_many: batched prefix caches
 
     # ------------------------------------------------------------------ batches
     def batches(self, ps: _PromptSet, idx: Sequence[int]) -> Iterator[tuple[list[int], dict[str, Tensor]]]:
@@ -492,7 +498,6 @@ class _Engine:
         collect: tuple[list[int], list[int]] | None = None,
         collect_all: bool = False,
         want_logits: bool = True,
-        stop_if: Callable[[list[int], Tensor], bool] | None = None,
     ) -> tuple[Tensor | None, Tensor | None, list[Tensor] | None]:
         """Run ``fwd`` hooks over prompts ``idx`` of ``set_name``.
 
@@ -502,10 +507,8 @@ class _Engine:
         ``start_layer`` skips the blocks below it and feeds ``start_resid(rows, width)``
         (the cached residual) into it instead.
 
-        Prompts are batched in order of suffix length (less padding; results come back in
-        ``idx`` order). ``stop_if(rows_so_far, logits_so_far)`` is asked after every batch;
-        when it says so, the remaining batches are skipped and the partial results cover the
-        prompts listed in ``self.last_rows`` (in that order).
+        Prompts are batched in order of suffix length (less padding); results come back in
+        ``idx`` order. Several ablations at once, with early stops: :meth:`run_many`.
         """
         ps = self.sets[set_name]
         model = self.model
@@ -576,9 +579,6 @@ class _Engine:
                         if out is None:
                             raise RuntimeError("forward stopped before the last layer")
                         logits_out.append(self._logits(out.last_hidden_state[:, -1]))
-                        if stop_if is not None and len(done) < len(order) \
-                                and stop_if(list(done), torch.cat(logits_out)):
-                            break
                     if collect is not None:
                         acts_out.append(torch.stack(
                             [buf[layer][:, c_pos.to(buf[layer].device)].float() for layer in c_layers],
@@ -593,11 +593,8 @@ class _Engine:
                 probe.remove()
         logits = torch.cat(logits_out) if logits_out else None
         acts = torch.cat(acts_out) if acts_out else None
-        # back to the caller's order (or, after an early stop, the order of ``done``)
-        target = list(idx) if len(done) == len(order) else done
-        where = {i: r for r, i in enumerate(done)}
-        perm = torch.tensor([where[i] for i in target], dtype=torch.long)
-        self.last_rows = target
+        where = {i: r for r, i in enumerate(done)}  # back to the caller's order
+        perm = torch.tensor([where[i] for i in idx], dtype=torch.long)
         if logits is not None:
             logits = logits[perm.to(logits.device)]
         if acts is not None:
@@ -605,6 +602,157 @@ class _Engine:
         if collect_all:
             resid_out = [resid_out[r] for r in perm.tolist()]
         return logits, acts, (resid_out if collect_all else None)
+
+    # ------------------------------------------------------------------ many interventions
+    def _bank(self, groups: Sequence[tuple[Any, Tensor, Sequence[int]]],
+              fwd: list[tuple[str, Callable[..., Any]]]) -> tuple[Any, list[int]]:
+        """Prefix KV cache with one row per group (from a cached bank when one holds every
+        group's key; otherwise one batched prefix pass over all groups)."""
+        keys = [g[0] for g in groups]
+        if all(k is not None for k in keys):
+            for index, cache in reversed(self._banks):
+                if all(k in index for k in keys):
+                    return cache, [index[k] for k in keys]
+        k = len(groups)
+        cache = self._new_cache()
+        ids = self.prefix_ids.to(self.model.device)  # type: ignore[union-attr]
+        self.phase = "prefix"
+        self.row_param = torch.stack([g[1] for g in groups])
+        try:
+            with hooks(self.model, fwd), torch.inference_mode(), bridge_kv_cache():
+                self.decoder(input_ids=ids.expand(k, -1), attention_mask=torch.ones_like(ids).expand(k, -1),
+                             position_ids=torch.arange(ids.shape[1], device=ids.device)[None].expand(k, -1),
+                             use_cache=True, **{self.cache_kw: cache})
+        finally:
+            self.phase = "suffix"
+            self.row_param = None
+        self.forward_tokens += k * ids.shape[1]
+        if all(key is not None for key in keys):
+            self._banks.append(({key: r for r, key in enumerate(keys)}, cache))
+            del self._banks[:-8]
+        return cache, list(range(k))
+
+    def run_many(
+        self,
+        set_name: str,
+        groups: Sequence[tuple[Any, Tensor, Sequence[int]]],
+        fwd: list[tuple[str, Callable[..., Any]]],
+        *,
+        reduce: Callable[[int, list[int], Tensor], Tensor],
+        collect: tuple[list[int], list[int]] | None = None,
+        stop: Callable[[int, list[int], Tensor], bool] | None = None,
+        priority: Sequence[float] | None = None,
+    ) -> list[tuple[list[int], Tensor, Tensor | None]]:
+        """Evaluate several interventions of one kind in shared batches.
+
+        ``groups[g] = (key, param, idx)``: prompts ``idx`` of ``set_name`` under intervention
+        ``g``. The hooks ``fwd`` read ``self.row_param``, every batch row's ``param`` stacked
+        ``(batch, ...)``. Rows are batched by suffix length (one prompt under several
+        interventions shares a width, so there is little padding); the groups' prefix caches
+        come from one batched prefix pass, kept per ``key``. ``reduce(g, prompts, logits)``
+        turns group ``g``'s last-position logits in a batch into per-prompt scores; after each
+        batch ``stop(g, prompts_so_far, scores_so_far)`` may drop ``g`` from later batches;
+        batches then hold at most ``batch_size // 2`` prompts per running group, so a group
+        is checked at least that often. ``priority`` (per prompt of the set, higher first)
+        replaces the length order, e.g. to reach an early stop in fewer prompts.
+
+        Returns per group ``(prompts, scores, acts)``: in ``idx`` order when the group ran to
+        the end, else in the order run; ``acts`` ``(n, layers, positions, d)`` with ``collect``.
+        """
+        ps = self.sets[set_name]
+        dev = self.model.device
+        k_len = self.prefix_len
+        c_layers = collect[0] if collect is not None else []
+        c_pos = torch.tensor(collect[1] if collect is not None else [], dtype=torch.long, device=dev)
+        buf: dict[int, Tensor] = {}
+        extra: list[tuple[str, Callable[..., Any]]] = []
+        for layer in sorted(set(c_layers)):
+            def grab(act: Tensor, hook: Any, layer: int = layer) -> None:
+                if self.phase == "suffix":
+                    buf[layer] = act.detach()
+
+            extra.append((hook_name("resid_pre", layer), grab))
+        all_hooks = list(fwd) + extra
+        bank, bank_rows = self._bank(groups, all_hooks) if k_len else (None, [])
+        params = [g[1] for g in groups]
+        if priority is None:
+            rows = sorted((len(ps.suffix[i]), i, g) for g, grp in enumerate(groups) for i in grp[2])
+        else:
+            rank = {i: r for r, i in enumerate(sorted(range(len(ps.suffix)),
+                                                      key=lambda i: (-priority[i], len(ps.suffix[i]), i)))}
+            rows = sorted((rank[i], i, g) for g, grp in enumerate(groups) for i in grp[2])
+        every = max(1, self.batch_size // 2)
+        active = [True] * len(groups)
+        done: list[list[int]] = [[] for _ in groups]
+        scores: list[list[Tensor]] = [[] for _ in groups]
+        acts: list[list[Tensor]] = [[] for _ in groups]
+        probe = self._probe_output_type() if self.tuple_out is None else None
+        pos_ = 0
+        try:
+            with hooks(self.model, all_hooks), torch.inference_mode(), bridge_kv_cache():
+                while True:
+                    chunk: list[tuple[int, int]] = []
+                    size = self.batch_size if stop is None else min(self.batch_size, every * sum(active))
+                    while pos_ < len(rows) and len(chunk) < size:
+                        _, i, g = rows[pos_]
+                        pos_ += 1
+                        if active[g]:
+                            chunk.append((g, i))
+                    if not chunk:
+                        break
+                    seqs = [ps.suffix[i] for _, i in chunk]
+                    width = max(len(q) for q in seqs)
+                    n = len(chunk)
+                    ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+                    mask = torch.zeros((n, width), dtype=torch.long)
+                    for r, q in enumerate(seqs):
+                        ids[r, width - len(q):] = torch.tensor(q, dtype=torch.long)
+                        mask[r, width - len(q):] = 1
+                    pos = k_len + (mask.cumsum(-1) - 1).clamp(min=0)
+                    full_mask = torch.cat([torch.ones((n, k_len), dtype=torch.long), mask], dim=1)
+                    kw: dict[str, Any] = {"input_ids": ids.to(dev), "attention_mask": full_mask.to(dev),
+                                          "position_ids": pos.to(dev)}
+                    if bank is not None:
+                        cache = copy.deepcopy(bank)
+                        cache.batch_select_indices(
+                            torch.tensor([bank_rows[g] for g, _ in chunk], device=dev))
+                        kw[self.cache_kw] = cache
+                        kw["use_cache"] = True
+                    else:
+                        kw["use_cache"] = False
+                    self.forward_tokens += n * width
+                    self.row_param = torch.stack([params[g] for g, _ in chunk])
+                    buf.clear()
+                    try:
+                        out = self.decoder(**kw)
+                    finally:
+                        self.row_param = None
+                    logits = self._logits(out.last_hidden_state[:, -1])
+                    got = None
+                    if collect is not None:
+                        got = torch.stack([buf[layer][:, c_pos].float() for layer in c_layers], dim=1)
+                    for g in sorted({g for g, _ in chunk}):
+                        sel = [r for r, (gg, _) in enumerate(chunk) if gg == g]
+                        prompts = [chunk[r][1] for r in sel]
+                        done[g].extend(prompts)
+                        scores[g].append(reduce(g, prompts, logits[sel]))
+                        if got is not None:
+                            acts[g].append(got[sel])
+                        if stop is not None and len(done[g]) < len(groups[g][2]) \
+                                and stop(g, list(done[g]), torch.cat(scores[g])):
+                            active[g] = False
+        finally:
+            if probe is not None:
+                probe.remove()
+        out_: list[tuple[list[int], Tensor, Tensor | None]] = []
+        for g, grp in enumerate(groups):
+            s = torch.cat(scores[g]) if scores[g] else torch.zeros(0)
+            a = torch.cat(acts[g]) if acts[g] else None
+            target = list(grp[2]) if len(done[g]) == len(grp[2]) else done[g]
+            where = {i: r for r, i in enumerate(done[g])}
+            perm = torch.tensor([where[i] for i in target], dtype=torch.long)
+            out_.append((target, s[perm], None if a is None else a[perm.to(a.device)]))
+        return out_
 
 
 # ----------------------------------------------------------------------------- selection
@@ -667,6 +815,8 @@ class _Selector:
         self.timings: dict[str, float] = {}
         self.work: dict[str, int] = {"candidate_passes": 0}
         self.refusal: RefusalTokens | None = None
+        self.kl_sum = torch.zeros(len(harmless), dtype=torch.float64)  # per-prompt KL seen so far
+        self.kl_seen = torch.zeros(len(harmless), dtype=torch.float64)
         self.cos_layers: list[int] = []
         self.baseline: dict[str, Any] = {}
         self.bar = progress_bar(cfg.progress)
@@ -708,6 +858,36 @@ class _Selector:
 
         return [(hook_name(p, layer), ablate) for layer in range(self.model.n_layers)
                 for p in ABLATION_POINTS]
+
+    def _ablation_hooks_many(self) -> list[tuple[str, Callable[..., Any]]]:
+        """Ablation hooks for :meth:`_Engine.run_many`: row ``b`` ablates ``eng.row_param[b]``."""
+        eng = self.eng
+
+        def ablate(act: Tensor, hook: Any) -> Tensor:
+            u = eng.row_param  # (batch, d_model), unit rows
+            return act - torch.einsum("btd,bd->bt", act, u).unsqueeze(-1) * u[:, None, :]
+
+        return [(hook_name(p, layer), ablate) for layer in range(self.model.n_layers)
+                for p in ABLATION_POINTS]
+
+    def _ablate_many(self, name: str, items: Sequence[tuple[Key, Sequence[int]]], *,
+                     reduce: Callable[[list[int], Tensor], Tensor],
+                     collect: tuple[list[int], list[int]] | None = None,
+                     stop: Callable[[list[int], Tensor], bool] | None = None,
+                     priority: Sequence[float] | None = None,
+                     ) -> list[tuple[list[int], Tensor, Tensor | None]]:
+        """Ablate each candidate of ``items`` on its prompts of set ``name``, all in shared
+        batches (see :meth:`_Engine.run_many`)."""
+        dev, dt = self.model.device, self.model.dtype
+        groups = [(("abl", c), self.unit(c).to(device=dev, dtype=dt), list(idx)) for c, idx in items]
+        out = self.eng.run_many(
+            name, groups, self._ablation_hooks_many(), collect=collect,
+            reduce=lambda g, prompts, logits: reduce(prompts, logits),
+            stop=None if stop is None else (lambda g, prompts, sc: stop(prompts, sc)),
+            priority=priority,
+        )
+        self.work["candidate_passes"] += len(items)
+        return out
 
     def _addition_hooks(self, c: Key) -> list[tuple[str, Callable[..., Any]]]:
         v = self.vec(c).to(device=self.model.device, dtype=self.model.dtype)
@@ -884,15 +1064,22 @@ class _Selector:
             return
         task = self.bar.add_task(description, total=len(todo))
         with self.timed(what):
+            if self.cfg.method == "shared" and what in ("bypass", "kl"):
+                for s in range(0, len(todo), _MANY):
+                    chunk = todo[s : s + _MANY]
+                    if what == "bypass":
+                        self._bypass_many(chunk)
+                    else:
+                        self._kl_many(chunk, math.inf)
+                    self.bar.advance(task, len(chunk))
+                    log.info("%s %s done (%.1fs elapsed)", what, chunk, time.perf_counter() - self.t0)
+                    self._save_checkpoint()
+                return
             for c in todo:
                 if self.cfg.method == "naive":
                     self._naive_candidate(c)
-                elif what == "induce":
-                    self._shared_induce(c)
-                elif what == "kl":
-                    self._shared_ablation(c, "harmless")
                 else:
-                    self._shared_ablation(c, "harmful")
+                    self._shared_induce(c)
                 self.bar.advance(task)
                 log.info("%s %s done (%.1fs elapsed)", what, c, time.perf_counter() - self.t0)
                 self._save_checkpoint()
@@ -914,56 +1101,67 @@ class _Selector:
         if want_cos:
             self._store_cos_acts(c, "addition", acts, cl)
 
-    def _shared_ablation(self, c: Key, name: str) -> None:
-        if name == "harmful":
-            self._bypass(c)
-            return
-        logits, _, _ = self.eng.run(name, self._idx(name), self._ablation_hooks(c), key=("abl", c))
-        self.work["candidate_passes"] += 1
-        base = self.base_logits["harmless"]
-        self.scores[c]["kl"] = first_token_kl(base, logits).cpu()  # type: ignore[arg-type]
-
-    def _bypass(self, c: Key) -> None:
-        """Bypass score on every harmful prompt (continuing a fast-mode partial score)."""
-        collect = (self.cos_layers, self.positions)
-        head: tuple[Tensor, Tensor] | None = self.extra[c].pop("_head", None)  # type: ignore[assignment]
-        m = 0 if head is None else int(head[0].shape[0])
+    def _bypass_many(self, cands: Sequence[Key]) -> None:
+        """Bypass scores on every harmful prompt (continuing fast-mode partial scores)."""
         n = len(self.harmful)
-        scores, acts = (head[0], head[1]) if head is not None else (None, None)
-        if m < n:
-            logits, rest, _ = self.eng.run("harmful", range(m, n), self._ablation_hooks(c),
-                                           key=("abl", c), collect=collect)
-            self.work["candidate_passes"] += 1
-            more = self.rscore(logits)  # type: ignore[arg-type]
-            scores = more if scores is None else torch.cat([scores, more])
-            acts = rest if acts is None else torch.cat([acts, rest])  # type: ignore[list-item]
-        self.scores[c]["bypass"] = scores  # type: ignore[assignment]
-        self._store_cos_acts(c, "ablation", acts, self.cos_layers)
+        heads: dict[Key, tuple[Tensor, Tensor] | None] = {
+            c: self.extra[c].pop("_head", None) for c in cands}  # type: ignore[misc]
+        items = [(c, range(0 if h is None else int(h[0].shape[0]), n)) for c, h in heads.items()]
+        items = [(c, idx) for c, idx in items if len(idx)]
+        rest = dict(zip((c for c, _ in items), self._ablate_many(
+            "harmful", items, reduce=lambda prompts, logits: self.rscore(logits),
+            collect=(self.cos_layers, self.positions)))) if items else {}
+        for c, head in heads.items():
+            parts = ([head] if head is not None else []) + \
+                ([(rest[c][1], rest[c][2])] if c in rest else [])
+            self.scores[c]["bypass"] = torch.cat([p[0] for p in parts])
+            self._store_cos_acts(c, "ablation", torch.cat([p[1] for p in parts]),  # type: ignore[misc]
+                                 self.cos_layers)
 
-    def _kl_bounded(self, c: Key, bound: float) -> None:
-        """KL of ``c`` with an exact early exit: per-prompt KL is never negative, so once the
-        running sum exceeds ``bound · n`` the mean is known to exceed ``bound`` and the
-        remaining prompts are skipped (``kl_lower_bound`` is recorded instead of ``kl``)."""
+    def _partial_bypass_many(self, cands: Sequence[Key], m: int) -> None:
+        """Bypass scores of ``cands`` on the first ``m`` harmful prompts (kept for completion)."""
+        out = self._ablate_many("harmful", [(c, range(m)) for c in cands],
+                                reduce=lambda prompts, logits: self.rscore(logits),
+                                collect=(self.cos_layers, self.positions))
+        for c, (_, head, acts) in zip(cands, out):
+            self.extra[c]["bypass_head"] = float(head.mean())
+            self.extra[c]["_head"] = (head, acts)  # type: ignore[assignment]
+
+    def _kl_many(self, cands: Sequence[Key], bound: float) -> None:
+        """KL of each candidate, with an exact early exit: per-prompt KL is never negative, so
+        once a candidate's running sum exceeds ``bound · n`` its mean is known to exceed
+        ``bound`` and its remaining prompts are skipped (``kl_lower_bound`` is recorded
+        instead of ``kl``). The candidates share batches; a stopped one leaves them."""
         if self.cfg.method == "naive":
-            self._naive_candidate(c)
+            for c in cands:
+                self._naive_candidate(c)
             return
         base = self.base_logits["harmless"]
         n = len(self.harmless)
-
-        def over(rows: list[int], logits: Tensor) -> bool:
-            return float(first_token_kl(base[rows], logits).sum()) > bound * n
-
-        logits, _, _ = self.eng.run("harmless", self._idx("harmless"), self._ablation_hooks(c),
-                                    key=("abl", c), stop_if=over if math.isfinite(bound) else None)
-        self.work["candidate_passes"] += 1
-        kl = first_token_kl(base[self.eng.last_rows], logits).cpu()  # type: ignore[arg-type]
-        if kl.shape[0] == n:
-            self.scores[c]["kl"] = kl
-            self.extra[c].pop("kl_lower_bound", None)
-            self.extra[c].pop("kl_prompts", None)
-        else:
-            self.extra[c]["kl_lower_bound"] = float(kl.sum()) / n
-            self.extra[c]["kl_prompts"] = float(kl.shape[0])
+        stop = (lambda prompts, kl: float(kl.sum()) > bound * n) if math.isfinite(bound) else None
+        priority = None
+        if stop is not None and bool((self.kl_seen > 0).any()):
+            # Prompts where earlier candidates moved the output most come first: KL is
+            # correlated across candidates, so a rejected one passes the bound sooner.
+            seen = self.kl_seen > 0
+            mean = torch.where(seen, self.kl_sum / self.kl_seen.clamp_min(1),
+                               (self.kl_sum[seen] / self.kl_seen[seen]).mean())
+            priority = mean.tolist()
+        out = self._ablate_many(
+            "harmless", [(c, self._idx("harmless")) for c in cands],
+            reduce=lambda prompts, logits: first_token_kl(base[prompts], logits).cpu(),
+            stop=stop, priority=priority,
+        )
+        for c, (prompts, kl, _) in zip(cands, out):
+            self.kl_sum[prompts] += kl.double()
+            self.kl_seen[prompts] += 1
+            if kl.shape[0] == n:
+                self.scores[c]["kl"] = kl
+                self.extra[c].pop("kl_lower_bound", None)
+                self.extra[c].pop("kl_prompts", None)
+            else:
+                self.extra[c]["kl_lower_bound"] = float(kl.sum()) / n
+                self.extra[c]["kl_prompts"] = float(kl.shape[0])
 
     # ------------------------------------------------------------------ cosine scores
     def _store_cos_acts(self, c: Key, kind: str, acts: Tensor | None, layers: list[int]) -> None:
@@ -1094,18 +1292,23 @@ class _Selector:
             return False
         if lev.layer and not self.layer_ok(c):
             return False
+        # A filter known to fail rejects even while another score is missing: fast mode
+        # knows KL before induce, and must not pay for induce on KL-rejected candidates.
+        missing = False
         if lev.induce:
             if s.get("induce") is None:
-                return None
-            if not s["induce"] > self.cfg.induce_min:  # type: ignore[operator]
+                missing = True
+            elif not s["induce"] > self.cfg.induce_min:  # type: ignore[operator]
                 return False
         if not math.isinf(lev.kl_max):
             if s.get("kl") is None:
                 lb = self.extra[c].get("kl_lower_bound")
-                return False if lb is not None and lb > lev.kl_max else None
-            if not s["kl"] <= lev.kl_max:  # type: ignore[operator]
+                if lb is not None and lb > lev.kl_max:
+                    return False
+                missing = True
+            elif not s["kl"] <= lev.kl_max:  # type: ignore[operator]
                 return False
-        return True
+        return None if missing else True
 
     # ------------------------------------------------------------------ exact / fast
     def _select_exact(self) -> tuple[int, Key]:
@@ -1156,12 +1359,13 @@ class _Selector:
         cfg = self.cfg
         m = min(cfg.fast_prompts, len(self.harmful))
         ranked = [c for c in valid if self.layer_ok(c)]
-        task = self.bar.add_task(f"fast: bypass on {m} prompts", total=len(ranked))
+        todo = [c for c in ranked if "bypass" not in self.scores[c] and "_head" not in self.extra[c]]
+        task = self.bar.add_task(f"fast: bypass on {m} prompts", total=len(todo))
         with self.timed("bypass"):
-            for c in ranked:
-                if "bypass" not in self.scores[c] and "_head" not in self.extra[c]:
-                    self._partial_bypass(c, m)
-                self.bar.advance(task)
+            for s in range(0, len(todo), 4 * _MANY):
+                chunk = todo[s : s + 4 * _MANY]
+                self._partial_bypass_many(chunk, m)
+                self.bar.advance(task, len(chunk))
         self.bar.remove_task(task)
 
         def head(c: Key) -> float:
@@ -1169,34 +1373,10 @@ class _Selector:
             return float(s[:m].mean()) if s is not None else float(self.extra[c]["bypass_head"])
 
         ranked.sort(key=lambda c: (head(c), c[1], c[0]))
-        pool: list[Key] = []
-        kept = 0
         kl_level = _Level("kl", False, cfg.kl_max, True)
-        task = self.bar.add_task("fast: KL in that order", total=cfg.fast_keep)
-        with self.timed("kl"):
-            for c in ranked:
-                pool.append(c)
-                if self.passes(c, kl_level) is None:
-                    self._kl_bounded(c, cfg.kl_max)
-                    log.info("kl %s done (%.1fs elapsed)", c, time.perf_counter() - self.t0)
-                    self._save_checkpoint()
-                if self.passes(c, kl_level):
-                    kept += 1
-                    self.bar.advance(task)
-                    if kept >= cfg.fast_keep:
-                        break
-        self.bar.remove_task(task)
-        return pool if kept else pool + [c for c in valid if c not in pool]
-
-    def _partial_bypass(self, c: Key, m: int) -> None:
-        """Bypass score of ``c`` on the first ``m`` harmful prompts (kept for completion)."""
-        collect = (self.cos_layers, self.positions)
-        logits, acts, _ = self.eng.run("harmful", range(m), self._ablation_hooks(c),
-                                       key=("abl", c), collect=collect)
-        self.work["candidate_passes"] += 1
-        head = self.rscore(logits)  # type: ignore[arg-type]
-        self.extra[c]["bypass_head"] = float(head.mean())
-        self.extra[c]["_head"] = (head, acts)  # type: ignore[assignment]
+        accepted, walked = self._lockstep(ranked, kl_level, cfg.fast_keep, "fast: KL in that order")
+        pool = ranked[:walked]
+        return pool if accepted else pool + [c for c in valid if c not in pool]
 
     def _walk(self, elig: list[Key], lev: _Level, limit: int | None = None) -> list[Key]:
         """Accept candidates best first (lowest bypass; cosine mode: highest cosine score),
@@ -1205,25 +1385,46 @@ class _Selector:
             order = sorted(elig, key=lambda c: (-self.extra[c]["cosine"], c[1], c[0]))
         else:
             order = sorted(elig, key=lambda c: (self.mean(c, "bypass"), c[1], c[0]))
-        limit = limit or self.cfg.top_k
+        return self._lockstep(order, lev, limit or self.cfg.top_k, "KL (lazy)")[0]
+
+    def _lockstep(self, order: list[Key], lev: _Level, limit: int, label: str) -> tuple[list[Key], int]:
+        """Accept candidates of ``order`` that pass ``lev``, in order, until ``limit`` are
+        accepted; returns them and how far the walk went.
+
+        A one-by-one walk would compute KL for each undecided candidate it reaches. With ``k``
+        acceptances still needed, it surely reaches the next ``k`` candidates that are not
+        already rejected, so their KL is computed together (shared batches, each with its own
+        exact early exit). The result is the one-by-one walk's.
+        """
         accepted: list[Key] = []
-        need_kl = [c for c in order if self.passes(c, lev) is None]
-        task = self.bar.add_task("KL (lazy)", total=len(need_kl)) if need_kl else None
-        for c in order:
-            if not math.isinf(lev.kl_max) and self.passes(c, lev) is None:
+        p = 0
+        todo_all = [c for c in order if self.passes(c, lev) is None]
+        task = self.bar.add_task(label, total=len(todo_all)) if todo_all else None
+        while p < len(order) and len(accepted) < limit:
+            ahead: list[Key] = []
+            for c in order[p:]:
+                if self.passes(c, lev) is not False:
+                    ahead.append(c)
+                    if len(ahead) >= limit - len(accepted):
+                        break
+            todo = [c for c in ahead if self.passes(c, lev) is None]
+            if todo and not math.isinf(lev.kl_max):
                 with self.timed("kl"):
-                    self._kl_bounded(c, lev.kl_max)
+                    self._kl_many(todo, lev.kl_max)
                 if task is not None:
-                    self.bar.advance(task)
-                log.info("kl %s done (%.1fs elapsed)", c, time.perf_counter() - self.t0)
+                    self.bar.advance(task, len(todo))
+                log.info("kl %s done (%.1fs elapsed)", todo, time.perf_counter() - self.t0)
                 self._save_checkpoint()
-            if self.passes(c, lev):
-                accepted.append(c)
-                if len(accepted) >= limit:
-                    break
+            # every candidate up to the last of ``ahead`` is decided now
+            last = order.index(ahead[-1]) if ahead else len(order) - 1
+            while p <= last and len(accepted) < limit:
+                c = order[p]
+                p += 1
+                if self.passes(c, lev):
+                    accepted.append(c)
         if task is not None:
             self.bar.remove_task(task)
-        return accepted
+        return accepted, p
 
     # ------------------------------------------------------------------ cosine mode
     def _select_cosine(self) -> tuple[int, Key]:
@@ -1410,9 +1611,10 @@ class _Selector:
                 rec.reasons = ["not scored: pruned by fast mode (short bypass ranking)" if cfg.mode == "fast"
                                else "not scored"]
             elif rec.status == "not scored":
-                missing = [k for k in ("induce", "kl", "bypass") if getattr(rec, k) is None]
-                rec.reasons = rec.reasons + [f"not scored ({', '.join(missing)}): rejected by "
-                                             + "; ".join(rec.reasons)]
+                missing = [k for k in ("induce", "kl", "bypass") if getattr(rec, k) is None
+                           and not (k == "kl" and "kl_lower_bound" in ex)]
+                rec.reasons = rec.reasons + [f"not scored ({', '.join(missing)}): rejected as above; "
+                                             "the missing scores could not change the pick"]
             if rec.status == "not scored" and ok is None and primary is not None:
                 rec.reasons = [f"not scored (KL): {'cosine' if cfg.mode == 'cosine' else 'bypass'} "
                                "ranks below the top-k candidates, so KL cannot change the pick"]

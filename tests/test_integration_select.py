@@ -1,4 +1,4 @@
-"""Integration: direction selection on the demo model (~8 min on 2 cores).
+"""Integration: direction selection on the demo model (~7 min on 2 cores).
 
 Cosine mode runs on a small candidate subset; fast mode runs with its defaults on every
 candidate. The full claim (ablating the selected direction leaves <= 5% refusals on all 60

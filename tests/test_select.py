@@ -306,6 +306,13 @@ def test_cli_select(tiny, tmp_path):
     assert rd.DirectionSet.load(run).selected == (-1, payload["selected"]["layer"])
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0 and "picked pos -1" in res.output
+    res = CliRunner().invoke(app, [*args, "--mode", "fast", "--fast-keep", "1", "--fast-prompts", "2",
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    payload = json.loads(res.output[res.output.index("{"):])
+    assert payload["config"]["fast_keep"] == 1 and payload["config"]["fast_prompts"] == 2
+    bad = CliRunner().invoke(app, [*args, "--mode", "fast", "--fast-keep", "0"])
+    assert bad.exit_code == 1 and "fast_keep=0" in bad.output
     bad = CliRunner().invoke(app, [*args, "--mode", "best"])
     assert bad.exit_code == 1 and "error:" in bad.output and "mode='best'" in bad.output
     assert len([ln for ln in bad.output.splitlines() if ln.strip()]) == 1
@@ -329,3 +336,52 @@ def test_checkpoint_resumes_without_recomputing(tiny, tmp_path):
     assert [c.bypass for c in again.candidates] == [c.bypass for c in first.candidates]
     other = _run(tiny, checkpoint=ckpt, n_val=5)  # other prompts: the checkpoint is ignored
     assert other.work["candidate_passes"] > 0 and "resumed_scores" not in other.work
+
+
+def test_several_candidates_per_pass_match_one_by_one(tiny):
+    """run_many (rows of several ablations in shared batches, one batched prefix pass)
+    reproduces one pass per candidate; a stopped group keeps its prompts so far."""
+    from refusaldir.select import _Engine, _Selector
+
+    model, ds, ids = tiny
+    cfg = SelectionConfig(**{**SMALL, "refusal_ids": ids})
+    sel = _Selector(model, ds, HARMFUL[:6], HARMLESS[:6], cfg)
+    sel._refusal_tokens()
+    sel._shared_baseline()
+    eng: _Engine = sel.eng
+    cands = [(-1, 1), (-2, 2), (-1, 3)]
+    one = [eng.run("harmful", range(6), sel._ablation_hooks(c), key=("single", c))[0] for c in cands]
+    items = [(c, range(6)) for c in cands]
+    out = sel._ablate_many("harmful", items, reduce=lambda prompts, logits: logits.clone())
+    assert eng.prefix_len > 0 and len(eng._banks) == 1
+    for (prompts, logits, _), ref in zip(out, one):
+        assert prompts == list(range(6))
+        assert torch.allclose(logits, ref, atol=1e-5)
+    # the prefix bank is reused for a subset in another order, with different prompts per group
+    before = eng.forward_tokens
+    out = sel._ablate_many("harmful", [(cands[2], [4, 5]), (cands[0], range(3))],
+                           reduce=lambda prompts, logits: logits.clone())
+    assert torch.allclose(out[0][1], one[2][[4, 5]], atol=1e-5)
+    assert torch.allclose(out[1][1], one[0][:3], atol=1e-5)
+    assert len(eng._banks) == 1 and eng.forward_tokens > before
+    # a group that stops after its first batch; priority puts prompt 5 first
+    pr = [0.0] * 6
+    pr[5] = 1.0
+    out = sel._ablate_many("harmful", items, reduce=lambda prompts, logits: logits[:, 0].clone(),
+                           stop=lambda prompts, sc: True, priority=pr)
+    for (prompts, sc, _), ref in zip(out, one):
+        assert 0 < len(prompts) < 6 and prompts[0] == 5
+        assert torch.allclose(sc, ref[prompts, 0], atol=1e-5)
+
+
+def test_fast_mode_skips_induce_for_kl_rejected(tiny):
+    """A candidate already rejected by KL is never scored on induce (the filter order does
+    not force a score that cannot change the outcome)."""
+    base = _run(tiny, method="naive")
+    kls = sorted(c.kl for c in base.candidates if c.kl is not None)
+    mid = (kls[len(kls) // 2] + kls[len(kls) // 2 - 1]) / 2
+    fast = _run(tiny, mode="fast", fast_keep=2, fast_prompts=2, kl_max=mid)
+    rejected = [c for c in fast.candidates
+                if (c.kl is not None and c.kl > mid) or c.details.get("kl_lower_bound", 0) > mid]
+    assert rejected and all(c.induce is None for c in rejected)
+    assert all(c.status in ("rejected", "not scored") for c in rejected)
