@@ -405,20 +405,22 @@ class _Engine:
 
     # ------------------------------------------------------------------ batches
     def batches(self, ps: _PromptSet, idx: Sequence[int]) -> Iterator[tuple[list[int], dict[str, Tensor]]]:
-        k, dev = self.prefix_len, self.model.device
         for s in range(0, len(idx), self.batch_size):
             chunk = list(idx[s : s + self.batch_size])
-            seqs = [ps.suffix[i] for i in chunk]
-            width = max(len(q) for q in seqs)
-            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, q in enumerate(seqs):
-                ids[r, width - len(q):] = torch.tensor(q, dtype=torch.long)
-                mask[r, width - len(q):] = 1
-            pos = k + (mask.cumsum(-1) - 1).clamp(min=0)
-            full_mask = torch.cat([torch.ones((len(chunk), k), dtype=torch.long), mask], dim=1)
-            yield chunk, {"input_ids": ids.to(dev), "attention_mask": full_mask.to(dev),
-                          "position_ids": pos.to(dev)}
+            yield chunk, self._encode([ps.suffix[i] for i in chunk])
+
+    def _encode(self, seqs: list[list[int]]) -> dict[str, Tensor]:
+        """Suffixes left-padded after the shared prefix, with position ids that continue it."""
+        k, dev, n = self.prefix_len, self.model.device, len(seqs)
+        width = max(len(q) for q in seqs)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for r, q in enumerate(seqs):
+            ids[r, width - len(q):] = torch.tensor(q, dtype=torch.long)
+            mask[r, width - len(q):] = 1
+        pos = k + (mask.cumsum(-1) - 1).clamp(min=0)
+        full_mask = torch.cat([torch.ones((n, k), dtype=torch.long), mask], dim=1)
+        return {"input_ids": ids.to(dev), "attention_mask": full_mask.to(dev), "position_ids": pos.to(dev)}
 
     # ------------------------------------------------------------------ plumbing
     def _new_cache(self) -> Any:
@@ -462,23 +464,28 @@ class _Engine:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    def _prefix(self, key: Any, fwd: list[tuple[str, Callable[..., Any]]]) -> Any:
-        """KV cache of the shared prefix under the hooks ``fwd`` (cached per ``key``)."""
-        if key is not None and key in self._prefix_cache:
-            return self._prefix_cache[key]
+    def _prefix_pass(self, fwd: list[tuple[str, Callable[..., Any]]], rows: int) -> Any:
+        """KV cache of the shared prefix under the hooks ``fwd``, ``rows`` copies in a batch."""
         cache = self._new_cache()
+        ids = self.prefix_ids.to(self.model.device).expand(rows, -1)  # type: ignore[union-attr]
         self.phase = "prefix"
-        ids = self.prefix_ids.to(self.model.device)  # type: ignore[union-attr]
         try:
             with hooks(self.model, fwd), torch.inference_mode(), bridge_kv_cache():
                 self.decoder(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             position_ids=torch.arange(ids.shape[1], device=ids.device)[None],
+                             position_ids=torch.arange(ids.shape[1], device=ids.device)[None].expand(rows, -1),
                              use_cache=True, **{self.cache_kw: cache})
         except _StopForward:
             pass
         finally:
             self.phase = "suffix"
-        self.forward_tokens += ids.shape[1]
+        self.forward_tokens += ids.numel()
+        return cache
+
+    def _prefix(self, key: Any, fwd: list[tuple[str, Callable[..., Any]]]) -> Any:
+        """KV cache of the shared prefix under the hooks ``fwd`` (cached per ``key``)."""
+        if key is not None and key in self._prefix_cache:
+            return self._prefix_cache[key]
+        cache = self._prefix_pass(fwd, 1)
         if key is not None:
             if len(self._prefix_cache) > 256:
                 self._prefix_cache.pop(next(iter(self._prefix_cache)))
@@ -613,24 +620,15 @@ class _Engine:
             for index, cache in reversed(self._banks):
                 if all(k in index for k in keys):
                     return cache, [index[k] for k in keys]
-        k = len(groups)
-        cache = self._new_cache()
-        ids = self.prefix_ids.to(self.model.device)  # type: ignore[union-attr]
-        self.phase = "prefix"
         self.row_param = torch.stack([g[1] for g in groups])
         try:
-            with hooks(self.model, fwd), torch.inference_mode(), bridge_kv_cache():
-                self.decoder(input_ids=ids.expand(k, -1), attention_mask=torch.ones_like(ids).expand(k, -1),
-                             position_ids=torch.arange(ids.shape[1], device=ids.device)[None].expand(k, -1),
-                             use_cache=True, **{self.cache_kw: cache})
+            cache = self._prefix_pass(fwd, len(groups))
         finally:
-            self.phase = "suffix"
             self.row_param = None
-        self.forward_tokens += k * ids.shape[1]
         if all(key is not None for key in keys):
             self._banks.append(({key: r for r, key in enumerate(keys)}, cache))
             del self._banks[:-8]
-        return cache, list(range(k))
+        return cache, list(range(len(groups)))
 
     def run_many(
         self,
@@ -700,18 +698,8 @@ class _Engine:
                             chunk.append((g, i))
                     if not chunk:
                         break
-                    seqs = [ps.suffix[i] for _, i in chunk]
-                    width = max(len(q) for q in seqs)
-                    n = len(chunk)
-                    ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-                    mask = torch.zeros((n, width), dtype=torch.long)
-                    for r, q in enumerate(seqs):
-                        ids[r, width - len(q):] = torch.tensor(q, dtype=torch.long)
-                        mask[r, width - len(q):] = 1
-                    pos = k_len + (mask.cumsum(-1) - 1).clamp(min=0)
-                    full_mask = torch.cat([torch.ones((n, k_len), dtype=torch.long), mask], dim=1)
-                    kw: dict[str, Any] = {"input_ids": ids.to(dev), "attention_mask": full_mask.to(dev),
-                                          "position_ids": pos.to(dev)}
+                    kw: dict[str, Any] = self._encode([ps.suffix[i] for _, i in chunk])
+                    n, width = kw["input_ids"].shape
                     if bank is not None:
                         cache = copy.deepcopy(bank)
                         cache.batch_select_indices(
@@ -1613,11 +1601,11 @@ class _Selector:
             elif rec.status == "not scored":
                 missing = [k for k in ("induce", "kl", "bypass") if getattr(rec, k) is None
                            and not (k == "kl" and "kl_lower_bound" in ex)]
-                rec.reasons = rec.reasons + [f"not scored ({', '.join(missing)}): rejected as above; "
-                                             "the missing scores could not change the pick"]
+                rec.reasons = [*rec.reasons, (f"not scored ({', '.join(missing)}): rejected as above; "
+                                              "the missing scores could not change the pick")]
             if rec.status == "not scored" and ok is None and primary is not None:
-                rec.reasons = [f"not scored (KL): {'cosine' if cfg.mode == 'cosine' else 'bypass'} "
-                               "ranks below the top-k candidates, so KL cannot change the pick"]
+                rec.reasons = [(f"not scored (KL): {'cosine' if cfg.mode == 'cosine' else 'bypass'} "
+                                "ranks below the top-k candidates, so KL cannot change the pick")]
             recs.append(rec)
         eligible = [r for r in recs if r.status in ("selected", "passed")]
         if cfg.mode == "cosine":
