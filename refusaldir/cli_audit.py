@@ -51,7 +51,7 @@ def audit_cmd(
     force: Annotated[bool, typer.Option("--force", help="replace an existing --out folder")] = False,
     directions: Annotated[Path | None, typer.Option(help="reuse a direction folder from `refusaldir extract` (must match the model's weights)")] = None,
     selection: Annotated[Path | None, typer.Option(help="reuse a selection.json for --directions instead of selecting again")] = None,
-    mode: Annotated[str, typer.Option(help="direction selection: cosine (output-free, fastest), fast, or exact")] = "cosine",
+    mode: Annotated[str, typer.Option(help="direction selection: cosine (output-free: needs no refusal tokens), fast (quickest: successive halving on bypass), or exact")] = "cosine",
     limit: Annotated[int, typer.Option(help="prompts per test set for the generation-based evaluation (0 = all)")] = 32,
     max_new_tokens: Annotated[int, typer.Option(help="tokens generated per prompt")] = 48,
     n_val: Annotated[int, typer.Option(help="validation prompts per class for selection and calibration")] = 32,
