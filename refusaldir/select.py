@@ -1451,11 +1451,12 @@ class _Selector:
             "max_layer_frac"
         )
 
-    # ------------------------------------------------------------------ fast-mode proxy
+    # ------------------------------------------------------------------ zero-pass proxies
     def _proxies(self) -> None:
         """Zero-pass proxies from the unmodified activations (higher is better).
 
-        ``proxy`` (used by fast mode) is the linearised cosine score: the cosine score of
+        Reported per candidate as a free hint; no mode selects by them (fast mode ranks
+        by a short bypass pass instead). ``proxy`` is the linearised cosine score: the cosine score of
         :meth:`_cos_score` with the intervention applied to the cached baseline activations
         at the evaluation layers instead of being propagated through the model — ablation
         removes the direction from harmful means, addition adds it to harmless means at
