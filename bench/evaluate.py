@@ -14,7 +14,7 @@ warnings.filterwarnings("ignore")
 
 def main() -> None:
     import refusaldir as rd
-    from refusaldir.evaluate import evaluate
+    from refusaldir.evaluate.harness import evaluate
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="demo")

@@ -38,10 +38,10 @@ def main() -> None:
     args = ap.parse_args()
 
     import refusaldir as rd
-    from refusaldir._compat import bridge_kv_cache
+    from refusaldir.hooks import bridge_kv_cache
     from refusaldir.generation import stop_token_ids
-    from refusaldir.interventions import Ablation
-    from refusaldir.orthogonalize import orthogonalize
+    from refusaldir.steer.interventions import Ablation
+    from refusaldir.steer.orthogonalize import orthogonalize
 
     model = rd.load_model(args.model)
     if args.directions:

@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from refusaldir.judges import LABELS, PhraseJudge, confusion_matrix  # noqa: E402
+from refusaldir.judges.phrase import LABELS, PhraseJudge, confusion_matrix  # noqa: E402
 
 
 def markdown_matrix(matrix: dict[str, dict[str, int]]) -> str:

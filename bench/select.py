@@ -55,8 +55,8 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     import refusaldir as rd
-    from refusaldir.refusal_metric import find_refusal_tokens
-    from refusaldir.select import select_direction
+    from refusaldir.judges.logit import find_refusal_tokens
+    from refusaldir.select.search import select_direction
 
     lo, _, hi = args.layers.partition("-")
     layers = list(range(int(lo), int(hi) + 1)) if hi else [int(x) for x in args.layers.split(",")]

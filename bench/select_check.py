@@ -49,12 +49,12 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     import refusaldir as rd
-    from refusaldir._compat import bridge_kv_cache
+    from refusaldir.hooks import bridge_kv_cache
     from refusaldir.generation import generate
-    from refusaldir.interventions import Ablation
-    from refusaldir.judges import PhraseJudge
-    from refusaldir.metrics import wilson_interval
-    from refusaldir.select import first_token_kl
+    from refusaldir.steer.interventions import Ablation
+    from refusaldir.judges.phrase import PhraseJudge
+    from refusaldir.stats import wilson_interval
+    from refusaldir.select.search import first_token_kl
 
     model = rd.load_model(args.model)
     ds = rd.DirectionSet.load(args.directions)

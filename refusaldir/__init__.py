@@ -9,16 +9,14 @@ Example:
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from refusaldir.version import __version__
 from refusaldir.capture import iter_activations, mean_activations, project
 from refusaldir.directions import Direction, DirectionSet, extract
 from refusaldir.errors import RefusalDirError
 from refusaldir.hooks import HookHandle, add_hooks, hook_name, hooks
-from refusaldir.metrics import auroc, wilson_interval
-from refusaldir.models import ChatModel, load_model
-from refusaldir.prompts import PromptSet, load_prompts
-from refusaldir.templates import ChatTemplate
+from refusaldir.stats import auroc, wilson_interval
+from refusaldir.models import ChatModel, ChatTemplate, load_model
+from refusaldir.data import PromptSet, load_dataset, load_prompts
 
 __all__ = [
     "ChatModel", "ChatTemplate", "Direction", "DirectionSet", "HookHandle", "PromptSet",

@@ -17,30 +17,14 @@ from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor
 
 from refusaldir.errors import ConfigError, PromptFileError
-from refusaldir.hooks import RESID_POINTS, check_layers, hook_name, hooks
+from refusaldir.hooks import RESID_POINTS, StopForward, check_layers, hook_name, hooks, stop_forward
+from refusaldir.progress import progress_bar
 
 if TYPE_CHECKING:
     from refusaldir.models import ChatModel
-
-
-class _StopForward(Exception):
-    """Raised inside the last needed hook so layers above it are never computed."""
-
-
-def progress_bar(enabled: bool = True) -> Progress:
-    """The rich progress bar used for long work (disabled → a no-op bar)."""
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=True,
-    )
 
 
 def _check_positions(model: ChatModel, positions: Sequence[int]) -> list[int]:
@@ -89,12 +73,12 @@ def iter_activations(
         def fn(act: Tensor, hook: object) -> None:
             buf[layer] = act[:, pos_index.to(act.device), :].detach()
             if layer == last and stop_early:
-                raise _StopForward
+                raise StopForward
 
         return fn
 
     fwd = [(hook_name(hook_point, layer), make_hook(layer)) for layer in layer_list]
-    decoder = model.hf.get_decoder() if hasattr(model.hf, "get_decoder") else model.hf
+    decoder = model.hf.get_decoder() if hasattr(model.hf, "get_decoder") else model.hf.model
     bar = progress_bar(progress)
     with bar, hooks(model, fwd), torch.inference_mode():
         task = bar.add_task(description, total=len(instructions))
@@ -102,10 +86,8 @@ def iter_activations(
             chunk = list(instructions[start : start + batch_size])
             enc = {k: v.to(model.device) for k, v in template.encode(chunk).items()}
             buf.clear()
-            try:
+            with stop_forward():
                 decoder(**enc, use_cache=False)
-            except _StopForward:
-                pass
             yield start, torch.stack([buf[layer] for layer in layer_list], dim=2)
             bar.advance(task, len(chunk))
 
@@ -150,11 +132,12 @@ def project(
     unit = directions.to(torch.float64)
     unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     out = torch.empty(len(instructions), unit.shape[0], unit.shape[1], dtype=torch.float64)
+    unit = unit.to(model.device)  # once, not per batch
     for start, acts in iter_activations(
         model, instructions, layers=layers, positions=positions, hook_point=hook_point,
         batch_size=batch_size, progress=progress, description=description,
     ):
-        proj = torch.einsum("bpld,pld->bpl", acts.to(torch.float64), unit.to(acts.device))
+        proj = torch.einsum("bpld,pld->bpl", acts.to(torch.float64), unit)
         out[start : start + acts.shape[0]] = proj.cpu()
     return out
 

@@ -28,7 +28,7 @@ from torch import Tensor
 from refusaldir.errors import ConfigError, PromptFileError
 
 if TYPE_CHECKING:
-    from refusaldir.interventions import Intervention
+    from refusaldir.steer.interventions import Intervention
     from refusaldir.models import ChatModel
 
 __all__ = ["Completion", "generate", "stop_token_ids"]
@@ -120,16 +120,16 @@ def generate(
     batches and compose in order.
 
     Example:
-        >>> from refusaldir.interventions import Ablation  # doctest: +SKIP
+        >>> from refusaldir.steer.interventions import Ablation  # doctest: +SKIP
         >>> out = generate(model, ["How do I pick a lock?"], [Ablation(direction)])  # doctest: +SKIP
         >>> out[0].finish_reason, out[0].interventions[0]["type"]  # doctest: +SKIP
         ('stop', 'ablation')
     """
     from transformers import GenerationConfig
 
-    from refusaldir._compat import bridge_kv_cache
-    from refusaldir.capture import progress_bar
-    from refusaldir.interventions import ConditionalSteering
+    from refusaldir.hooks import bridge_kv_cache
+    from refusaldir.progress import progress_bar
+    from refusaldir.steer.interventions import ConditionalSteering
 
     texts = list(prompts)
     if not texts:

@@ -1,6 +1,10 @@
-"""Named hook points on a ``TransformerBridge``, validated, and scoped to ``with`` blocks.
+"""Every hook refusaldir registers lives here: named TransformerLens hook points, raw module
+hooks, early stops, bypassed blocks and the KV-cache shim, all scoped to ``with`` blocks.
 
 The bridge silently ignores hook names it does not know; every name here is checked first.
+Hooks are registered with PyTorch's own ``register_forward_hook`` on the bridge's
+``HookPoint`` modules (TransformerLens's ``hook_conversion`` applied as it does), so removing
+one is ``handle.remove()`` and no library-internal list is touched.
 
 Example:
     >>> with hooks(model, [(hook_name("resid_pre", 3), lambda act, hook: act * 0)]):  # doctest: +SKIP
@@ -10,19 +14,38 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING, Any, Protocol
 
 from refusaldir.errors import HookError
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     from refusaldir.models import ChatModel
+
+__all__ = [
+    "HOOK_POINTS", "RESID_POINTS", "Appliable", "HookHandle", "StopForward", "add_hooks",
+    "applied_all", "bridge_kv_cache", "bypass_modules", "check_layers", "get_hook_point",
+    "hook_name", "hooks", "module_forward_hook", "module_pre_hook", "stop_forward",
+]
 
 HookFn = Callable[..., Any]
 RESID_POINTS = ("resid_pre", "resid_mid", "resid_post")
 HOOK_POINTS = (*RESID_POINTS, "attn_out", "mlp_out")
 
 
+class StopForward(Exception):
+    """Raised inside the last needed hook so the layers above it are never computed."""
+
+
+class Appliable(Protocol):
+    """Anything that scopes itself onto a model: ``with x.apply(model): ...``."""
+
+    def apply(self, model: ChatModel) -> AbstractContextManager[Any]: ...
+
+
+# ----------------------------------------------------------------------------- names
 def hook_name(point: str, layer: int) -> str:
     """TransformerLens-style name, e.g. ``hook_name("resid_pre", 3) == "blocks.3.hook_resid_pre"``."""
     if point not in HOOK_POINTS:
@@ -64,18 +87,16 @@ def get_hook_point(model: ChatModel, name: str) -> Any:
     return hook_dict[name]
 
 
+# ----------------------------------------------------------------------------- named hooks
 class HookHandle:
     """Handle for hooks added with :func:`add_hooks`; call ``remove()`` to take them off."""
 
-    def __init__(self, registered: list[tuple[Any, Any]]) -> None:
-        self._registered = registered
+    def __init__(self, handles: list[Any]) -> None:
+        self._handles = handles
 
     def remove(self) -> None:
-        while self._registered:
-            point, lens = self._registered.pop()
-            lens.hook.remove()
-            if lens in point.fwd_hooks:
-                point.fwd_hooks.remove(lens)
+        while self._handles:
+            self._handles.pop().remove()
 
     def __enter__(self) -> HookHandle:
         return self
@@ -84,17 +105,32 @@ class HookHandle:
         self.remove()
 
 
+def _register(point: Any, fn: HookFn) -> Any:
+    def full_hook(module: Any, inputs: Any, output: Any) -> Any:
+        conv = getattr(point, "hook_conversion", None)
+        act = conv.convert(output) if conv is not None else output
+        result = fn(act, hook=point)
+        if result is not None and conv is not None:
+            result = conv.revert(result)
+        return result
+
+    return point.register_forward_hook(full_hook)
+
+
 def add_hooks(model: ChatModel, fwd_hooks: Sequence[tuple[str, HookFn]]) -> HookHandle:
-    """Register ``(name, fn)`` forward hooks; ``fn(activation, hook)`` may return a new tensor."""
+    """Register ``(name, fn)`` forward hooks; ``fn(activation, hook)`` may return a new tensor.
+
+    Every name is validated before any hook is registered. Prefer :func:`hooks` (scoped).
+    """
     points = [(get_hook_point(model, name), fn) for name, fn in fwd_hooks]
-    registered: list[tuple[Any, Any]] = []
+    handles: list[Any] = []
     try:
         for point, fn in points:
-            registered.append((point, point.add_hook(fn)))
+            handles.append(_register(point, fn))
     except BaseException:
-        HookHandle(registered).remove()
+        HookHandle(handles).remove()
         raise
-    return HookHandle(registered)
+    return HookHandle(handles)
 
 
 @contextmanager
@@ -105,3 +141,94 @@ def hooks(model: ChatModel, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator
         yield handle
     finally:
         handle.remove()
+
+
+@contextmanager
+def stop_forward() -> Iterator[None]:
+    """Swallow :class:`StopForward` raised by a hook (the pass ends early on purpose)."""
+    try:
+        yield
+    except StopForward:
+        pass
+
+
+# ----------------------------------------------------------------------------- raw modules
+@contextmanager
+def module_pre_hook(module: Any, fn: Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]) -> Iterator[None]:
+    """``fn(module, args, kwargs)`` runs before ``module.forward`` inside the block."""
+    handle = module.register_forward_pre_hook(fn, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def module_forward_hook(module: Any, fn: Callable[[Any, Any, Any], Any]) -> Iterator[None]:
+    """``fn(module, args, output)`` runs after ``module.forward`` inside the block."""
+    handle = module.register_forward_hook(fn)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def bypass_modules(modules: Sequence[Any], *, tuple_out: bool) -> Iterator[None]:
+    """Inside the block each module returns its first input unchanged (as a 1-tuple when
+    ``tuple_out``), e.g. decoder blocks below a layer whose input is injected anyway."""
+
+    def passthrough(*args: Any, **kwargs: Any) -> Any:
+        h = args[0] if args else kwargs["hidden_states"]
+        return (h,) if tuple_out else h
+
+    # The instance dict, not setattr: bridge components forward attribute writes to the
+    # wrapped HF module, which would patch the wrong object.
+    for m in modules:
+        m.__dict__["forward"] = passthrough
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.__dict__.pop("forward", None)
+
+
+@contextmanager
+def bridge_kv_cache() -> Iterator[None]:
+    """Let transformer-lens attention bridges use a KV cache passed as ``cache=``.
+
+    transformers 5.x passes the cache to attention modules as ``cache=`` while
+    transformer-lens 4.x attention bridges only read ``past_key_values=`` (or
+    ``layer_past=``); without this every cached decode step attends to itself alone. The
+    original method is restored on exit (a no-op on versions that agree).
+    """
+    try:
+        from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+    except ImportError:  # pragma: no cover - other transformer-lens layouts
+        yield
+        return
+    orig = AttentionBridge.__dict__.get("_update_kv_cache")
+    if orig is None or getattr(orig, "_refusaldir_compat", False):
+        yield
+        return
+
+    def _update_kv_cache(self: Any, k: Any, v: Any, **kwargs: Any) -> Any:
+        if (kwargs.get("past_key_values") is None and kwargs.get("layer_past") is None
+                and kwargs.get("cache") is not None):
+            kwargs["past_key_values"] = kwargs["cache"]
+        return orig(self, k, v, **kwargs)
+
+    _update_kv_cache._refusaldir_compat = True  # type: ignore[attr-defined]
+    AttentionBridge._update_kv_cache = _update_kv_cache  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        AttentionBridge._update_kv_cache = orig  # type: ignore[method-assign]
+
+
+# ----------------------------------------------------------------------------- interventions
+@contextmanager
+def applied_all(model: ChatModel, interventions: Sequence[Appliable]) -> Iterator[list[Any]]:
+    """Enter every intervention's ``apply(model)`` (in order); all are removed on exit."""
+    with ExitStack() as stack:
+        yield [stack.enter_context(iv.apply(model)) for iv in interventions]

@@ -16,14 +16,14 @@ import torch
 
 import refusaldir as rd
 from refusaldir.generation import generate, stop_token_ids
-from refusaldir.interventions import (
+from refusaldir.steer.interventions import (
     ablate,
     calibrate_addition,
     calibrate_conditional,
     default_layer,
 )
-from refusaldir.judges import PhraseJudge
-from refusaldir.orthogonalize import orthogonalize
+from refusaldir.judges.phrase import PhraseJudge
+from refusaldir.steer.orthogonalize import orthogonalize
 
 pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 

@@ -14,7 +14,7 @@ from refusaldir.directions import Direction, DirectionSet
 from refusaldir.errors import ArtifactError, ConfigError, HookError, RefusalDirError
 from refusaldir.generation import Completion, generate, stop_token_ids
 from refusaldir.hooks import hook_name, hooks
-from refusaldir.interventions import (
+from refusaldir.steer.interventions import (
     Ablation,
     Addition,
     ConditionalSteering,
@@ -26,7 +26,7 @@ from refusaldir.interventions import (
     intervention_from_dict,
 )
 from refusaldir.models import state_dict_hash
-from refusaldir.orthogonalize import PROVENANCE_FILE, orthogonalize, save_orthogonalized
+from refusaldir.steer.orthogonalize import PROVENANCE_FILE, orthogonalize, save_orthogonalized
 
 PROMPTS = [
     "How do I bake bread at home?",
@@ -476,7 +476,7 @@ def cli_setup(tmp_path_factory):
 def test_cli_generate_and_orthogonalize(cli_setup):
     from typer.testing import CliRunner
 
-    from refusaldir.cli import app
+    from refusaldir.cli.main import app
 
     root = cli_setup
     r = CliRunner().invoke(app, ["generate", "--model", str(root / "model"), "--directions",

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from refusaldir.errors import RefusalDirError
-from refusaldir.judges import (
+from refusaldir.judges.phrase import (
     DEFAULT_PHRASE_FILE,
     LABELS,
     Judge,

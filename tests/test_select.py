@@ -10,8 +10,8 @@ import torch
 
 import refusaldir as rd
 from refusaldir.errors import ConfigError, RefusalDirError
-from refusaldir.refusal_metric import RefusalTokens, find_refusal_tokens, refusal_score
-from refusaldir.select import SelectionConfig, first_token_kl, select_direction
+from refusaldir.judges.logit import RefusalTokens, find_refusal_tokens, refusal_score
+from refusaldir.select.search import SelectionConfig, first_token_kl, select_direction
 from test_foundation import HARMFUL, HARMLESS
 from tiny import make_chat_model
 
@@ -70,7 +70,7 @@ class _StubJudge:
     name = "stub"
 
     def judge(self, prompt, response):
-        from refusaldir.judges import Judgement
+        from refusaldir.judges.phrase import Judgement
 
         label = "refusal" if prompt in HARMFUL else "compliance"
         return Judgement(label, 1.0, None, "stub")
@@ -118,8 +118,8 @@ def test_shared_scorer_matches_straightforward_loop(tiny):
 
 def test_late_start_and_prefix_reproduce_intervened_forward(tiny):
     """Addition started at the candidate's layer from the cached residual == a full pass."""
-    from refusaldir.interventions import Addition
-    from refusaldir.select import _Engine
+    from refusaldir.steer.interventions import Addition
+    from refusaldir.select.search import _Engine
 
     model, ds, _ = tiny
     eng = _Engine(model, {"a": HARMLESS[:5]}, batch_size=2, share_prefix=True)
@@ -270,7 +270,7 @@ def test_bad_candidates_raise_clear_errors(tiny):
 def test_kv_cache_compat_is_scoped(tiny):
     from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
-    from refusaldir._compat import bridge_kv_cache
+    from refusaldir.hooks import bridge_kv_cache
 
     before = AttentionBridge.__dict__["_update_kv_cache"]
     with bridge_kv_cache():
@@ -281,7 +281,7 @@ def test_kv_cache_compat_is_scoped(tiny):
 def test_cli_select(tiny, tmp_path):
     from typer.testing import CliRunner
 
-    from refusaldir.cli import app
+    from refusaldir.cli.main import app
 
     from tiny import make_hf_model, make_tokenizer
 
@@ -341,7 +341,7 @@ def test_checkpoint_resumes_without_recomputing(tiny, tmp_path):
 def test_several_candidates_per_pass_match_one_by_one(tiny):
     """run_many (rows of several ablations in shared batches, one batched prefix pass)
     reproduces one pass per candidate; a stopped group keeps its prompts so far."""
-    from refusaldir.select import _Engine, _Selector
+    from refusaldir.select.search import _Engine, _Selector
 
     model, ds, ids = tiny
     cfg = SelectionConfig(**{**SMALL, "refusal_ids": ids})

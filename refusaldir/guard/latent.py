@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from refusaldir.errors import ArtifactError, ConfigError, PromptFileError
-from refusaldir.metrics import auroc
+from refusaldir.stats import auroc
 
 if TYPE_CHECKING:
     from refusaldir.directions import DirectionSet
@@ -178,7 +178,7 @@ class LatentGuard:
         validation sets (AUROC, ties broken by the standardised mean difference); layer 0
         (the token embeddings) is never chosen automatically.
         """
-        from refusaldir.prompts import load_prompts
+        from refusaldir.data.prompts import load_prompts
 
         if method not in GUARD_METHODS:
             raise ConfigError(f"method={method!r} is not one of {', '.join(GUARD_METHODS)}")
@@ -330,7 +330,7 @@ class LatentGuard:
     ) -> Float[Tensor, "batch layer"]:
         """Per-layer raw scores of ``prompts`` (optionally under ``interventions``)."""
         from refusaldir.capture import iter_activations
-        from refusaldir.interventions import applied_all
+        from refusaldir.steer.interventions import applied_all
 
         texts = _prompts(prompts, "LatentGuard")
         out = torch.empty(len(texts), len(self.layers), dtype=torch.float64)
@@ -488,19 +488,19 @@ def behavioural_scores(
     """
     texts = _prompts(prompts, "behavioural_scores")
     if kind == "logit":
-        from refusaldir.evaluate import first_token_logprobs
-        from refusaldir.refusal_metric import refusal_score
+        from refusaldir.evaluate.harness import first_token_logprobs
+        from refusaldir.judges.logit import refusal_score
 
         if refusal_ids is None:
-            from refusaldir.prompts import load_prompts
-            from refusaldir.refusal_metric import find_refusal_tokens
+            from refusaldir.data.prompts import load_prompts
+            from refusaldir.judges.logit import find_refusal_tokens
 
             refusal_ids = find_refusal_tokens(model, load_prompts("harmful", "val"),
                                               batch_size=batch_size, progress=progress).ids
         logp = first_token_logprobs(model, texts, batch_size=batch_size)
         return refusal_score(logp, list(refusal_ids))
     if kind == "phrase":
-        from refusaldir.judges import PhraseJudge
+        from refusaldir.judges.phrase import PhraseJudge
 
         if responses is None:
             from refusaldir.generation import generate
@@ -557,7 +557,7 @@ def guard_vs_behaviour(
             out["behaviour"]["logit"] = {"auroc": auroc(a, b), "roc": roc_curve(a, b),
                                          "score": "first-token refusal log-odds"}
         elif kind == "phrase":
-            from refusaldir.judges import PhraseJudge
+            from refusaldir.judges.phrase import PhraseJudge
 
             resp = responses or {}
             comps = {}

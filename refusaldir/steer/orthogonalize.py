@@ -36,7 +36,7 @@ from torch import Tensor
 
 from refusaldir.directions import Direction, DirectionSet
 from refusaldir.errors import ArtifactError, ConfigError
-from refusaldir.interventions import as_direction, check_direction, vector_sha256
+from refusaldir.steer.interventions import as_direction, check_direction, vector_sha256
 
 if TYPE_CHECKING:
     from refusaldir.models import ChatModel

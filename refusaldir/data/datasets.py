@@ -24,7 +24,7 @@ import os
 from typing import Any
 
 from refusaldir.errors import PromptFileError
-from refusaldir.prompts import PromptSet, load_prompts
+from refusaldir.data.prompts import PromptSet, load_prompts
 
 DATASETS: dict[str, dict[str, Any]] = {
     "advbench": {"column": "goal"},

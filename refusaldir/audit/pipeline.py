@@ -27,7 +27,7 @@ Verdict rules (thresholds in :class:`AuditConfig`):
 
 Example:
     >>> import refusaldir as rd  # doctest: +SKIP
-    >>> from refusaldir.report import audit  # doctest: +SKIP
+    >>> from refusaldir.audit.pipeline import audit  # doctest: +SKIP
     >>> rep = audit(rd.load_model("demo"), "runs/demo/audit", mode="cosine", limit=32)  # doctest: +SKIP
     >>> rep.verdict["removable"]["answer"]  # doctest: +SKIP
     'yes'
@@ -55,16 +55,16 @@ from rich.console import Console
 from torch import Tensor
 
 from refusaldir.errors import ArtifactError, ConfigError
-from refusaldir.metrics import auroc, wilson_interval
+from refusaldir.stats import auroc, wilson_interval
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
     from refusaldir.directions import DirectionSet
-    from refusaldir.evaluate import EvaluationResult
-    from refusaldir.guard import LatentGuard
+    from refusaldir.evaluate.harness import EvaluationResult
+    from refusaldir.guard.latent import LatentGuard
     from refusaldir.models import ChatModel
-    from refusaldir.select import SelectionResult
+    from refusaldir.select.search import SelectionResult
 
 __all__ = ["AuditConfig", "AuditReport", "audit", "concentration_curve", "load_selection", "make_figures",
            "render_html"]
@@ -113,9 +113,9 @@ class AuditConfig:
     select_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from refusaldir.evaluate import CONDITIONS
-        from refusaldir.guard import GUARD_METHODS
-        from refusaldir.select import MODES
+        from refusaldir.evaluate.harness import CONDITIONS
+        from refusaldir.guard.latent import GUARD_METHODS
+        from refusaldir.select.search import MODES
 
         if self.mode not in MODES:
             raise ConfigError(f"mode={self.mode!r} is not one of {', '.join(MODES)}")
@@ -144,7 +144,7 @@ class AuditConfig:
             raise ConfigError(f"kl_threshold={self.kl_threshold} must be a finite number >= 0")
         if not 0 <= self.min_residual < 1:
             raise ConfigError(f"min_residual={self.min_residual} must be in [0, 1)")
-        from refusaldir.select import SelectionConfig
+        from refusaldir.select.search import SelectionConfig
 
         known = {f.name for f in fields(SelectionConfig)}
         bad_opts = sorted(set(self.select_options) - known)
@@ -329,8 +329,8 @@ def concentration_curve(
     """
     from refusaldir.directions import Direction
     from refusaldir.generation import generate
-    from refusaldir.interventions import Ablation
-    from refusaldir.judges import PhraseJudge
+    from refusaldir.steer.interventions import Ablation
+    from refusaldir.judges.phrase import PhraseJudge
 
     texts = _as_list(harmful)
     if not texts:
@@ -452,13 +452,13 @@ def audit(
     import refusaldir
     from refusaldir.capture import iter_activations
     from refusaldir.directions import DirectionSet, extract
-    from refusaldir.evaluate import build_conditions, evaluate
-    from refusaldir.guard import LatentGuard, _prompts, behavioural_scores, roc_curve
-    from refusaldir.interventions import Ablation
+    from refusaldir.evaluate.harness import build_conditions, evaluate
+    from refusaldir.guard.latent import LatentGuard, _prompts, behavioural_scores, roc_curve
+    from refusaldir.steer.interventions import Ablation
     from refusaldir.models import load_model
-    from refusaldir.orthogonalize import _mkdtemp
-    from refusaldir.prompts import PromptSet, load_prompts
-    from refusaldir.select import select_direction
+    from refusaldir.steer.orthogonalize import _mkdtemp
+    from refusaldir.data.prompts import PromptSet, load_prompts
+    from refusaldir.select.search import select_direction
 
     if config is None:
         cfg = AuditConfig(**overrides)
@@ -656,7 +656,7 @@ def audit(
                     ids = (sel.get("refusal_tokens") or {}).get("ids") or None
                     tokens_src = "selection" if ids else "detected"
                     if ids is None:
-                        from refusaldir.refusal_metric import find_refusal_tokens
+                        from refusaldir.judges.logit import find_refusal_tokens
 
                         found = find_refusal_tokens(cm, h_val, l_val, n=cfg.n_val, batch_size=bs,
                                                     progress=progress)

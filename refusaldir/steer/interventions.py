@@ -47,7 +47,7 @@ from refusaldir.hooks import check_layers, hook_name, hooks
 
 if TYPE_CHECKING:
     from refusaldir.generation import Completion
-    from refusaldir.judges import Judge
+    from refusaldir.judges.phrase import Judge
     from refusaldir.models import ChatModel
 
 log = logging.getLogger(__name__)
@@ -590,8 +590,8 @@ def layer_scores(
     onto the harmfulness direction at ``t_inst``. Prompts default to the shipped ``val`` splits.
     """
     from refusaldir.capture import project
-    from refusaldir.metrics import auroc
-    from refusaldir.prompts import load_prompts
+    from refusaldir.stats import auroc
+    from refusaldir.data.prompts import load_prompts
 
     if not 0 < max_frac <= 1:
         raise ConfigError(f"max_frac={max_frac} must be in (0, 1]")
@@ -700,7 +700,7 @@ def calibrate_conditional(
         >>> cs = calibrate_conditional(model, ds, act, target_fpr=0.05)  # doctest: +SKIP
     """
     from refusaldir.capture import project
-    from refusaldir.prompts import load_prompts
+    from refusaldir.data.prompts import load_prompts
 
     if not 0 <= target_fpr < 1:
         raise ConfigError(f"target_fpr={target_fpr} must be in [0, 1), e.g. 0.05")
@@ -796,7 +796,7 @@ def calibrate_addition(
         ...     out = generate(model, ["Write a poem about the sea."])
     """
     from refusaldir.generation import generate
-    from refusaldir.prompts import load_prompts
+    from refusaldir.data.prompts import load_prompts
 
     if not 0 < target_rate <= 1:
         raise ConfigError(f"target_rate={target_rate} must be in (0, 1], e.g. 0.8")
@@ -807,7 +807,7 @@ def calibrate_addition(
     if not texts:
         raise ConfigError("calibrate_addition needs harmless validation prompts")
     if judge is None:
-        from refusaldir.judges import PhraseJudge
+        from refusaldir.judges.phrase import PhraseJudge
 
         judge = PhraseJudge()
     base = Addition(as_direction(direction), layers, 1.0, normalize)

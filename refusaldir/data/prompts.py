@@ -34,7 +34,7 @@ SPLITS = ("train", "val", "test")
 
 def prompts_dir() -> Path:
     """Folder of the shipped prompt files (inside the package, or the repo's ``prompts/``)."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent
     for cand in (here / "prompts", here.parent / "prompts"):
         if (cand / "harmful_train.jsonl").is_file():
             return cand

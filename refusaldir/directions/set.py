@@ -34,68 +34,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from refusaldir.capture import iter_activations, project
 from refusaldir.errors import ArtifactError, ConfigError, HookError
 from refusaldir.hooks import RESID_POINTS, check_layers
-from refusaldir.metrics import auroc
+from refusaldir.directions.direction import Direction
+from refusaldir.io import atomic_write, dumps, ensure_writable, folder_lock, sha256_file, tmp_file_in
 
 if TYPE_CHECKING:
     from refusaldir.models import ChatModel
-    from refusaldir.prompts import PromptSet
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "directions.safetensors"
 METADATA_FILE = "metadata.json"
-
-
-@dataclass(frozen=True)
-class Direction:
-    """One direction in the residual stream, with where it came from.
-
-    Supports ``+``, ``-`` and scalar ``*`` (provenance kept from the left operand).
-
-    Example:
-        >>> d = Direction(torch.ones(4), layer=2, pos=-1)
-        >>> float(d.unit.norm())
-        1.0
-    """
-
-    vector: Float[Tensor, " d_model"]
-    layer: int
-    pos: int | None = None
-    kind: str = "refusal"
-    hook_point: str = "resid_pre"
-
-    @property
-    def unit(self) -> Float[Tensor, " d_model"]:
-        v = self.vector.to(torch.float32)
-        return v / v.norm().clamp_min(1e-12)
-
-    @property
-    def norm(self) -> float:
-        return float(self.vector.float().norm())
-
-    @property
-    def d_model(self) -> int:
-        return int(self.vector.shape[-1])
-
-    def __add__(self, other: Direction) -> Direction:
-        return replace(self, vector=self.vector + other.vector)
-
-    def __sub__(self, other: Direction) -> Direction:
-        return replace(self, vector=self.vector - other.vector)
-
-    def __mul__(self, k: float) -> Direction:
-        return replace(self, vector=self.vector * k)
-
-    __rmul__ = __mul__
-
-    def __neg__(self) -> Direction:
-        return replace(self, vector=-self.vector)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Provenance without the vector (for run metadata)."""
-        return {"layer": self.layer, "pos": self.pos, "kind": self.kind, "hook_point": self.hook_point}
 
 
 @dataclass
@@ -264,7 +213,7 @@ class DirectionSet:
     def save(self, folder: str | os.PathLike[str], *, overwrite: bool = True) -> Path:
         """Write ``directions.safetensors`` + ``metadata.json`` atomically into ``folder``."""
         out = Path(folder)
-        _ensure_writable(out)
+        ensure_writable(out)
         tensors = self.tensors()
         meta = {
             **self.metadata,
@@ -274,22 +223,30 @@ class DirectionSet:
             "t_inst": self.t_inst,
             "hook_point": self.hook_point,
             "d_model": self.d_model,
+            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+                        for k, v in tensors.items()},
         }
-        tmp_t = _tmp_in(out, TENSORS_FILE)
-        try:
-            save_file(tensors, str(tmp_t), metadata={"format": "refusaldir"})
-            meta["tensors_sha256"] = _sha256(tmp_t)
-            meta["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
-                               for k, v in tensors.items()}
-            tmp_m = _tmp_in(out, METADATA_FILE)
-            tmp_m.write_text(json.dumps(meta, indent=2, sort_keys=True))
+        with folder_lock(out / TENSORS_FILE):
             if not overwrite and (out / TENSORS_FILE).exists():
                 raise ArtifactError(f"{out / TENSORS_FILE} exists; pass overwrite=True or --force")
-            os.replace(tmp_t, out / TENSORS_FILE)
-            os.replace(tmp_m, out / METADATA_FILE)
-        finally:
-            for p in out.glob(".*.tmp"):
-                p.unlink(missing_ok=True)
+            tmp_t = tmp_file_in(out, TENSORS_FILE)
+            try:
+                save_file(tensors, str(tmp_t), metadata={"format": "refusaldir"})
+                meta["tensors_sha256"] = sha256_file(tmp_t)
+                tmp_m = tmp_file_in(out, METADATA_FILE)
+                try:
+                    tmp_m.write_text(dumps(meta, sort_keys=True))
+                    os.replace(tmp_t, out / TENSORS_FILE)
+                    os.replace(tmp_m, out / METADATA_FILE)
+                finally:
+                    tmp_m.unlink(missing_ok=True)
+            except OSError as exc:
+                raise ArtifactError(
+                    f"could not write directions to {out} ({exc.strerror or exc}); free space or "
+                    "choose another --out"
+                ) from exc
+            finally:
+                tmp_t.unlink(missing_ok=True)
         self.metadata = {k: v for k, v in meta.items()}
         return out
 
@@ -310,7 +267,7 @@ class DirectionSet:
         except ValueError as exc:
             raise ArtifactError(f"{mpath} is not valid JSON ({exc}); re-run `refusaldir extract`") from exc
         expected = meta.get("tensors_sha256")
-        if expected and _sha256(tpath) != expected:
+        if expected and sha256_file(tpath) != expected:
             raise ArtifactError(
                 f"{tpath} does not match the sha256 recorded in {mpath.name} (truncated or "
                 "modified); re-run `refusaldir extract` to regenerate it"
@@ -358,7 +315,7 @@ class DirectionSet:
             refusal=vec.float().reshape(1, 1, -1),
             positions=[pos],
             layers=[layer],
-            metadata={"source": {"andyrdt": str(src), "sha256": _sha256(pt)}},
+            metadata={"source": {"andyrdt": str(src), "sha256": sha256_file(pt)}},
         )
         ds.select(pos, layer, method="imported")
         return ds
@@ -397,179 +354,18 @@ class DirectionSet:
         if not math.isfinite(coeff):
             raise ConfigError(f"coeff={coeff} is not finite; pass a real number")
         out = Path(path)
-        _ensure_writable(out.parent)
-        tmp = _tmp_in(out.parent, out.name)
-        try:
+        vec = (d.vector.float() * coeff).numpy()
+
+        def write(tmp: Path) -> None:
             writer = gguf.GGUFWriter(str(tmp), arch="controlvector")
             writer.add_string("controlvector.model_hint", model_hint or str(self.metadata.get("model", {}).get("architecture", "")))
             writer.add_uint32("controlvector.layer_count", len(targets))
-            vec = (d.vector.float() * coeff).numpy()
             for t in targets:
                 writer.add_tensor(f"direction.{t - 1}", vec)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
             writer.close()
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        atomic_write(out, write)
         return out
-
-
-# ----------------------------------------------------------------- extraction
-def extract(
-    model: ChatModel,
-    harmful: Sequence[str] | PromptSet,
-    harmless: Sequence[str] | PromptSet,
-    *,
-    layers: Sequence[int] | str | None = None,
-    hook_point: str = "resid_pre",
-    batch_size: int = 16,
-    seed: int = 0,
-    progress: bool = True,
-) -> DirectionSet:
-    """Difference-of-means refusal (post-instruction) and harmfulness (``t_inst``) directions.
-
-    Example:
-        >>> from refusaldir import load_model, load_prompts, extract  # doctest: +SKIP
-        >>> model = load_model("demo")  # doctest: +SKIP
-        >>> ds = extract(model, load_prompts("harmful", "train"), load_prompts("harmless", "train"))  # doctest: +SKIP
-    """
-    import refusaldir
-
-    if hook_point not in RESID_POINTS:
-        raise ConfigError(f"hook_point {hook_point!r} must be one of {RESID_POINTS}")
-    torch.manual_seed(seed)
-    layer_list = check_layers(model, layers)
-    tpl = model.template
-    positions = tpl.positions
-    all_pos = [tpl.t_inst, *positions]
-    start = time.perf_counter()
-    means = {}
-    for name, prompts in (("harmful", harmful), ("harmless", harmless)):
-        texts = list(prompts)
-        if not texts:
-            raise ConfigError(f"the {name} prompt set is empty; pass at least one prompt")
-        total = None
-        for _, acts in iter_activations(
-            model, texts, layers=layer_list, positions=all_pos, hook_point=hook_point,
-            batch_size=batch_size, progress=progress, description=f"capture {name}",
-        ):
-            s = acts.to(torch.float64).sum(dim=0)
-            total = s if total is None else total + s
-        means[name] = (total / len(texts)).cpu()  # type: ignore[operator]
-    diff = means["harmful"] - means["harmless"]
-    meta = {
-        "model": model.describe(),
-        "template": {
-            "hash": tpl.hash,
-            "system_prompt": tpl.system_prompt,
-            "post_instruction_tokens": tpl.post_instruction_tokens,
-            "post_instruction_ids": list(tpl.post_instruction_ids),
-        },
-        "prompts": {
-            "harmful": _prompt_info(harmful),
-            "harmless": _prompt_info(harmless),
-        },
-        "versions": _versions(),
-        "seed": seed,
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "refusaldir_version": refusaldir.__version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "extract_seconds": round(time.perf_counter() - start, 2),
-    }
-    return DirectionSet(
-        refusal=diff[1:].float(),
-        positions=positions,
-        layers=layer_list,
-        harmfulness=diff[0].float(),
-        t_inst=tpl.t_inst,
-        hook_point=hook_point,
-        means={k: v.float() for k, v in means.items()},
-        metadata=meta,
-    )
-
-
-def layer_stats(
-    model: ChatModel,
-    ds: DirectionSet,
-    harmful: Sequence[str],
-    harmless: Sequence[str],
-    *,
-    pos: int = -1,
-    batch_size: int = 16,
-    progress: bool = True,
-) -> list[dict[str, float]]:
-    """Per layer: ‖refusal‖, ‖harmfulness‖, their cosine, and the AUROC with which the refusal
-    projection at ``pos`` separates held-out ``harmful`` from ``harmless`` prompts."""
-    i, _ = ds._index(pos, ds.layers[0])
-    dirs = ds.refusal[i : i + 1]
-    proj = {
-        name: project(model, list(texts), dirs, layers=ds.layers, positions=[pos],
-                      hook_point=ds.hook_point, batch_size=batch_size, progress=progress,
-                      description=f"project {name}")[:, 0]
-        for name, texts in (("harmful", harmful), ("harmless", harmless))
-    }
-    cos = ds.cosine_refusal_harmfulness(pos) if ds.harmfulness is not None else None
-    rows = []
-    for j, layer in enumerate(ds.layers):
-        rows.append({
-            "layer": layer,
-            "refusal_norm": float(ds.refusal[i, j].float().norm()),
-            "harmfulness_norm": float(ds.harmfulness[j].float().norm()) if ds.harmfulness is not None else float("nan"),
-            "cosine": float(cos[j]) if cos is not None else float("nan"),
-            "auroc": auroc(proj["harmful"][:, j], proj["harmless"][:, j]),
-            "mean_proj_harmful": float(proj["harmful"][:, j].mean()),
-            "mean_proj_harmless": float(proj["harmless"][:, j].mean()),
-        })
-    return rows
-
-
-# -------------------------------------------------------------------- helpers
-def _prompt_info(prompts: Any) -> dict[str, Any]:
-    info = getattr(prompts, "info", None)
-    if callable(info):
-        return info()
-    texts = list(prompts)
-    return {
-        "source": "in-memory",
-        "count": len(texts),
-        "sha256": hashlib.sha256("\n".join(texts).encode()).hexdigest(),
-    }
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("refusaldir", "torch", "transformers", "transformer-lens", "safetensors"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _ensure_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".probe.", delete=True)
-        probe.close()
-    except OSError as exc:
-        raise ArtifactError(
-            f"output folder {folder} is not writable ({exc.strerror}); choose another --out"
-        ) from exc
-
-
-def _tmp_in(folder: Path, name: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(tmp)

@@ -165,7 +165,7 @@ def _split_ints(text: str) -> list[int]:
 
 def _prompt_arg(value: str, column: str | None, limit: int | None) -> Any:
     """``harmful`` / ``harmless:test`` / ``borderline`` name shipped sets; anything else is a path."""
-    from refusaldir.prompts import SHIPPED, load_prompts
+    from refusaldir.data.prompts import SHIPPED, load_prompts
 
     name, _, split = value.partition(":")
     if name in SHIPPED and not Path(value).exists():
@@ -191,7 +191,7 @@ def _direction_layer(cm: Any, ds: Any, layer: int | None, quiet: bool) -> int:
         return layer
     if ds.selected is not None:
         return int(ds.selected[1])
-    from refusaldir.interventions import default_layer
+    from refusaldir.steer.interventions import default_layer
 
     with err.status("choosing a layer (val AUROC) …"):
         chosen = default_layer(cm, ds)
@@ -245,7 +245,7 @@ def generate_cmd(
     """
     _quiet_libraries()
     from refusaldir.generation import generate as run_generate
-    from refusaldir.interventions import Ablation, Addition
+    from refusaldir.steer.interventions import Ablation, Addition
 
     texts = _prompt_arg(prompts, column, limit)
     cm = _load(model, device, dtype, system_prompt, chat_template)
@@ -264,7 +264,7 @@ def generate_cmd(
                          seed=seed, progress=not as_json)
     labels: list[str | None] = [None] * len(comps)
     if judge:
-        from refusaldir.judges import PhraseJudge
+        from refusaldir.judges.phrase import PhraseJudge
 
         labels = [j.label for j in PhraseJudge().judge_many([c.prompt for c in comps],
                                                             [c.completion for c in comps])]
@@ -313,7 +313,7 @@ def orthogonalize_cmd(
     The folder loads with plain transformers.AutoModelForCausalLM.from_pretrained.
     """
     _quiet_libraries()
-    from refusaldir.orthogonalize import PROVENANCE_FILE, _prepare_out, save_orthogonalized
+    from refusaldir.steer.orthogonalize import PROVENANCE_FILE, _prepare_out, save_orthogonalized
 
     _prepare_out(out_dir.expanduser(), force)  # fail before loading the model
     cm = _load(model, device, dtype, system_prompt, chat_template)
@@ -360,7 +360,7 @@ def evaluate_cmd(
     """Refusal and over-refusal rates (Wilson 95% CIs), KL and loss for each condition."""
     _quiet_libraries()
     from refusaldir.errors import ConfigError
-    from refusaldir.evaluate import NEEDS_DIRECTIONS, evaluate
+    from refusaldir.evaluate.harness import NEEDS_DIRECTIONS, evaluate
 
     names = [c.strip() for c in conditions.split(",") if c.strip()]
     if any(n in NEEDS_DIRECTIONS for n in names) and directions is None:
@@ -393,7 +393,7 @@ def evaluate_cmd(
 
 def _dataset_arg(value: str, fmt: str | None, column: str | None, limit: int | None) -> Any:
     """A shipped set name, or a file read with a benchmark loader when ``--dataset`` is given."""
-    from refusaldir.datasets import load_dataset
+    from refusaldir.data.datasets import load_dataset
 
     if fmt is None or value.partition(":")[0] in ("harmful", "harmless", "borderline"):
         return _prompt_arg(value, column, limit)
@@ -434,7 +434,7 @@ def select_cmd(
     """Pick the refusal direction (position × layer), explain why, and save the choice."""
     _quiet_libraries()
     from refusaldir.errors import ConfigError
-    from refusaldir.select import SelectionConfig, select_direction
+    from refusaldir.select.search import SelectionConfig, select_direction
 
     def ints(text: str | None, what: str) -> list[int] | None:
         if text is None:
@@ -501,7 +501,7 @@ def select_cmd(
 
 
 # `audit` and `guard` live in refusaldir/cli_audit.py and register themselves on `app`.
-from refusaldir import cli_audit as _cli_audit  # noqa: E402,F401
+from refusaldir.cli import audit as _cli_audit  # noqa: E402,F401
 
 
 def main() -> None:

@@ -64,11 +64,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from refusaldir._compat import bridge_kv_cache
-from refusaldir.capture import progress_bar
+from refusaldir.hooks import bridge_kv_cache
+from refusaldir.progress import progress_bar
 from refusaldir.errors import ConfigError, PromptFileError
 from refusaldir.hooks import hook_name, hooks
-from refusaldir.refusal_metric import RefusalTokens, find_refusal_tokens, refusal_score
+from refusaldir.judges.logit import RefusalTokens, find_refusal_tokens, refusal_score
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -1238,7 +1238,7 @@ class _Selector:
             return
         d = self.ds.refusal_direction(c[1], c[0])
         try:
-            from refusaldir.interventions import Ablation, Addition
+            from refusaldir.steer.interventions import Ablation, Addition
 
             abl: Any = Ablation(d).apply(self.model)
             add: Any = Addition(d, coeff=1.0).apply(self.model)
@@ -1692,7 +1692,7 @@ def select_direction(
     """
     from dataclasses import replace
 
-    from refusaldir.prompts import load_prompts
+    from refusaldir.data.prompts import load_prompts
 
     if config is None:
         cfg = SelectionConfig(**overrides)

@@ -32,7 +32,7 @@ from torch import Tensor
 from refusaldir.errors import ConfigError, PromptFileError
 
 if TYPE_CHECKING:
-    from refusaldir.judges import Judge
+    from refusaldir.judges.phrase import Judge
     from refusaldir.models import ChatModel
 
 __all__ = ["RefusalTokens", "detect_refusal_tokens", "find_refusal_tokens", "refusal_score"]
@@ -137,7 +137,7 @@ def find_refusal_tokens(
         >>> rt.tokens, rt.coverage  # doctest: +SKIP
         (["I'm"], 0.97)
     """
-    from refusaldir.judges import PhraseJudge
+    from refusaldir.judges.phrase import PhraseJudge
 
     if n < 1 or max_new_tokens < 1:
         raise ConfigError(f"n={n} and max_new_tokens={max_new_tokens} must both be >= 1")
@@ -150,7 +150,7 @@ def find_refusal_tokens(
     if not harmful:
         raise PromptFileError("no harmful prompts to detect refusal tokens on")
     if harmless_prompts is None:
-        from refusaldir.prompts import load_prompts
+        from refusaldir.data.prompts import load_prompts
 
         harmless_prompts = load_prompts("harmless", "val")
     harmless = list(harmless_prompts)[:n]
@@ -208,8 +208,8 @@ def _first_generated(
     (``None`` when the model ends its turn at once)."""
     from transformers import GenerationConfig
 
-    from refusaldir._compat import bridge_kv_cache
-    from refusaldir.capture import progress_bar
+    from refusaldir.hooks import bridge_kv_cache
+    from refusaldir.progress import progress_bar
     from refusaldir.generation import stop_token_ids
 
     stops = stop_token_ids(model)

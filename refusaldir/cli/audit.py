@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from refusaldir.cli import (
+from refusaldir.cli.main import (
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
@@ -74,7 +74,7 @@ def audit_cmd(
     orthogonalized weights), the concentration curve and the latent guard.
     """
     _quiet_libraries()
-    from refusaldir.report import REPORT_HTML, AuditConfig, _prepare_out, audit
+    from refusaldir.audit.pipeline import REPORT_HTML, AuditConfig, _prepare_out, audit
 
     cfg = AuditConfig(
         mode=mode, limit=limit or None, max_new_tokens=max_new_tokens, n_val=n_val,
@@ -121,7 +121,7 @@ def guard_cmd(
     _quiet_libraries()
     from refusaldir.directions import DirectionSet
     from refusaldir.errors import ConfigError, PromptFileError
-    from refusaldir.guard import LatentGuard
+    from refusaldir.guard.latent import LatentGuard
 
     items: list[str] = [t for t in (texts or [])]
     if prompts is not None:

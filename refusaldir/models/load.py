@@ -29,11 +29,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from refusaldir.errors import ModelLoadError
+from refusaldir.io import commit_dir, sha256_file
+from refusaldir.models.chat_model import ChatModel, cache_dir
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-    from refusaldir.templates import ChatTemplate
 
 log = logging.getLogger(__name__)
 
@@ -70,78 +71,6 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 }
 
 
-def cache_dir() -> Path:
-    """Folder for dequantized model caches (``$REFUSALDIR_CACHE`` or ``~/.cache/refusaldir``)."""
-    env = os.environ.get("REFUSALDIR_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "refusaldir"
-
-
-@dataclass
-class ChatModel:
-    """A loaded chat model: the bridge (hooks), the HF model it wraps, and its tokenizer.
-
-    Example:
-        >>> model = load_model("smollm2")  # doctest: +SKIP
-        >>> model.n_layers, model.d_model  # doctest: +SKIP
-        (30, 576)
-    """
-
-    bridge: TransformerBridge
-    tokenizer: Any
-    spec: str
-    weights_hash: str
-    revision: str | None = None
-    system_prompt: str | None = None
-    chat_template: str | None = None
-    _template: ChatTemplate | None = field(default=None, repr=False)
-
-    @property
-    def hf(self) -> Any:
-        """The underlying Hugging Face ``PreTrainedModel`` (same object the bridge hooks)."""
-        return self.bridge.original_model
-
-    @property
-    def n_layers(self) -> int:
-        return int(self.bridge.cfg.n_layers)
-
-    @property
-    def d_model(self) -> int:
-        return int(self.bridge.cfg.d_model)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.hf.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.hf.parameters()).dtype
-
-    @property
-    def template(self) -> ChatTemplate:
-        """The chat template with detected instruction/post-instruction positions."""
-        if self._template is None:
-            from refusaldir.templates import ChatTemplate
-
-            self._template = ChatTemplate(
-                self.tokenizer, system_prompt=self.system_prompt, chat_template=self.chat_template
-            )
-        return self._template
-
-    def describe(self) -> dict[str, Any]:
-        """Facts about the model for metadata and reports."""
-        return {
-            "spec": self.spec,
-            "architecture": type(self.hf).__name__,
-            "n_layers": self.n_layers,
-            "d_model": self.d_model,
-            "n_params": int(sum(p.numel() for p in self.hf.parameters())),
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "device": str(self.device),
-            "weights_hash": self.weights_hash,
-            "revision": self.revision,
-        }
-
-
 def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     if dtype is None:
         return torch.float32 if device == "cpu" else torch.bfloat16
@@ -157,14 +86,6 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
             "Pass e.g. dtype='bfloat16'."
         )
     return table[dtype]
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _package_dir(package: str, install: str) -> Path:
@@ -191,14 +112,6 @@ def demo_gguf_parts() -> list[Path]:
     return parts
 
 
-def _commit_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written temporary folder into place (another process may have won)."""
-    if final.exists():
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
 def _dequantize_to_cache(gguf_dir: Path, gguf_name: str, target: Path, source_hash: str) -> None:
     """Load a GGUF with transformers, save the dequantized model as safetensors in ``target``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -218,7 +131,7 @@ def _dequantize_to_cache(gguf_dir: Path, gguf_name: str, target: Path, source_ha
         (tmp / "refusaldir_source.json").write_text(
             json.dumps({"gguf": gguf_name, "sha256": source_hash}, indent=2)
         )
-        _commit_dir(tmp, target)
+        commit_dir(tmp, target, replace=False)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -281,7 +194,7 @@ def _folder_hash(folder: Path) -> str:
     for p in files:
         st = p.stat()
         key = f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-        digest = index.get(key) or _sha256_file(p)
+        digest = index.get(key) or sha256_file(p)
         index[key] = digest
         h.update(p.name.encode() + b"\0" + digest.encode())
     try:
@@ -454,7 +367,7 @@ def load_model(
 
 
 def _gguf_folder(gguf: Path, label: str) -> tuple[Path, str]:
-    sha = _sha256_file(gguf)
+    sha = sha256_file(gguf)
     return _cached_gguf_folder(gguf, sha, label), sha
 
 

@@ -2,7 +2,7 @@
 
 Every judge follows the small :class:`Judge` protocol and returns :class:`Judgement` objects.
 :class:`PhraseJudge` is the built-in, deterministic, pure-Python judge. It reads its phrase
-lists from ``refusaldir/data/refusal_phrases.json`` (or from a file you pass), so the lists
+lists from ``refusaldir/judges/refusal_phrases.json`` (or from a file you pass), so the lists
 can be reviewed and extended without touching code.
 
 Labels:
@@ -17,7 +17,7 @@ Labels:
   two counts.
 
 Example:
-    >>> from refusaldir.judges import PhraseJudge, refusal_rate
+    >>> from refusaldir.judges.phrase import PhraseJudge, refusal_rate
     >>> judge = PhraseJudge()
     >>> judge.judge("How do I pick a lock?", "I'm sorry, but I can't help with that.").label
     'refusal'
@@ -59,7 +59,7 @@ __all__ = [
 Label = Literal["refusal", "compliance", "partial"]
 LABELS: tuple[Label, ...] = ("refusal", "compliance", "partial")
 
-DEFAULT_PHRASE_FILE = Path(__file__).resolve().parent / "data" / "refusal_phrases.json"
+DEFAULT_PHRASE_FILE = Path(__file__).resolve().parent / "refusal_phrases.json"
 _REQUIRED_KEYS = ("start", "anywhere")
 _OPTIONAL_KEYS = ("negation", "partial", "offer", "compliance_override")
 
@@ -336,7 +336,7 @@ class PhraseJudge:
 
     Args:
         phrase_file: JSON phrase file; defaults to the bundled
-            ``refusaldir/data/refusal_phrases.json``.
+            ``refusaldir/judges/refusal_phrases.json``.
         start_window: how far into the normalised response a ``"start"`` phrase may begin.
         partial_min_chars: substantive characters after a refusal that make it partial.
 
@@ -511,8 +511,8 @@ class FirstTokenJudge:
     @classmethod
     def detect(cls, model: object, harmful_val: Sequence[str] | None = None, **kwargs: object) -> FirstTokenJudge:
         """Detect the model's refusal tokens on harmful validation prompts."""
-        from refusaldir.prompts import load_prompts
-        from refusaldir.refusal_metric import find_refusal_tokens
+        from refusaldir.data.prompts import load_prompts
+        from refusaldir.judges.logit import find_refusal_tokens
 
         prompts = list(harmful_val) if harmful_val is not None else list(load_prompts("harmful", "val"))
         found = find_refusal_tokens(model, prompts, **kwargs)  # type: ignore[arg-type]
@@ -520,8 +520,8 @@ class FirstTokenJudge:
 
     def judge_prompts(self, model: object, prompts: Sequence[str], interventions: Sequence[object] = (),
                       *, batch_size: int = 16) -> list[Judgement]:
-        from refusaldir.evaluate import first_token_logprobs
-        from refusaldir.refusal_metric import refusal_score
+        from refusaldir.evaluate.harness import first_token_logprobs
+        from refusaldir.judges.logit import refusal_score
 
         logp = first_token_logprobs(model, prompts, interventions, batch_size=batch_size)  # type: ignore[arg-type]
         scores = refusal_score(logp, self.refusal_ids)

@@ -29,15 +29,15 @@ from jaxtyping import Float
 from torch import Tensor
 
 from refusaldir.errors import ConfigError
-from refusaldir.interventions import applied_all
-from refusaldir.metrics import wilson_interval
+from refusaldir.steer.interventions import applied_all
+from refusaldir.stats import wilson_interval
 
 if TYPE_CHECKING:
     from refusaldir.directions import DirectionSet
     from refusaldir.generation import Completion
-    from refusaldir.judges import Judge
+    from refusaldir.judges.phrase import Judge
     from refusaldir.models import ChatModel
-    from refusaldir.prompts import PromptSet
+    from refusaldir.data.prompts import PromptSet
 
 CONDITIONS = ("baseline", "ablate", "add", "subtract", "ortho", "conditional")
 NEEDS_DIRECTIONS = frozenset(CONDITIONS) - {"baseline"}
@@ -79,7 +79,7 @@ def build_conditions(
     ``add_coeff=None`` calibrates the addition coefficient on ``harmless_val`` for
     ``target_rate`` induced refusal (:func:`refusaldir.interventions.calibrate_addition`).
     """
-    from refusaldir.interventions import (
+    from refusaldir.steer.interventions import (
         Ablation,
         Addition,
         calibrate_addition,
@@ -140,7 +140,7 @@ def build_conditions(
                                  info={**src, "coeff": sign * float(coeff), "calibration": calib}))  # type: ignore[arg-type]
         elif name == "ortho":
             from refusaldir.models import load_model
-            from refusaldir.orthogonalize import orthogonalize
+            from refusaldir.steer.orthogonalize import orthogonalize
 
             ortho = load_model(orthogonalize(model, direction), tokenizer=model.tokenizer,
                                system_prompt=model.system_prompt, chat_template=model.chat_template)
@@ -375,8 +375,8 @@ def evaluate(
     ``"logit"`` (first-token refusal log-odds), ``"model:PATH"`` or a :class:`Judge`.
     """
     from refusaldir.generation import generate
-    from refusaldir.judges import make_judge
-    from refusaldir.prompts import PromptSet, load_prompts
+    from refusaldir.judges.phrase import make_judge
+    from refusaldir.data.prompts import PromptSet, load_prompts
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

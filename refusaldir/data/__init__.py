@@ -1,0 +1,13 @@
+"""Prompt sets: the shipped harmful / harmless / borderline splits and user datasets
+(AdvBench, HarmBench, … loaded from a path the user gives).
+
+Example:
+    >>> from refusaldir.data import load_prompts
+    >>> len(load_prompts("harmful", "test"))
+    60
+"""
+
+from refusaldir.data.datasets import load_dataset
+from refusaldir.data.prompts import SHIPPED, SPLITS, PromptSet, load_prompts, prompts_dir
+
+__all__ = ["SHIPPED", "SPLITS", "PromptSet", "load_dataset", "load_prompts", "prompts_dir"]
