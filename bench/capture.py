@@ -64,7 +64,6 @@ def speed(model_spec: str, batch_size: int, repeats: int, n_prompts: int) -> dic
         ds = rd.extract(model, prompts[: n_prompts // 2], prompts[n_prompts // 2 :],
                         batch_size=batch_size, progress=False)
         dirs[dtype] = ds.refusal.float()
-        del model
     cos = torch.nn.functional.cosine_similarity(dirs["float32"], dirs["bfloat16"], dim=-1)
     # layer 0's resid_pre is the embedding: identical for both prompt sets' template tokens
     valid = dirs["float32"].norm(dim=-1) > 1e-3

@@ -14,7 +14,7 @@ warnings.filterwarnings("ignore")
 
 def main() -> None:
     import refusaldir as rd
-    from refusaldir.evaluate.harness import evaluate
+    from refusaldir.evaluate import evaluate
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="demo")

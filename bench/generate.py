@@ -12,19 +12,11 @@ not depend on which direction is ablated).
 
 from __future__ import annotations
 
-import os
-import sys
+import argparse
+import statistics
+import time
 
-# bench/ holds select.py, which would shadow the standard library's `select` module (imported
-# by subprocess inside torch) when this file is run as a script: drop bench/ from the path.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 
 def main() -> None:
@@ -38,10 +30,9 @@ def main() -> None:
     args = ap.parse_args()
 
     import refusaldir as rd
-    from refusaldir.hooks import bridge_kv_cache
     from refusaldir.generation import stop_token_ids
-    from refusaldir.steer.interventions import Ablation
-    from refusaldir.steer.orthogonalize import orthogonalize
+    from refusaldir.hooks import bridge_kv_cache
+    from refusaldir.steer import Ablation, orthogonalize
 
     model = rd.load_model(args.model)
     if args.directions:

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from refusaldir.judges.phrase import LABELS, PhraseJudge, confusion_matrix  # noqa: E402
+from refusaldir.judges import LABELS, PhraseJudge, confusion_matrix
 
 
 def markdown_matrix(matrix: dict[str, dict[str, int]]) -> str:

@@ -12,20 +12,13 @@ Usage:
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
-
-# This folder holds a file named select.py, which would shadow the standard library's
-# `select` module (imported by subprocess) when a script here runs: drop the folder
-# from the import path before anything else is imported.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
+import time
+import warnings
+from pathlib import Path
 
 
 def main() -> int:
@@ -49,12 +42,12 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     import refusaldir as rd
-    from refusaldir.hooks import bridge_kv_cache
     from refusaldir.generation import generate
-    from refusaldir.steer.interventions import Ablation
-    from refusaldir.judges.phrase import PhraseJudge
+    from refusaldir.hooks import bridge_kv_cache
+    from refusaldir.judges import PhraseJudge
+    from refusaldir.readout import first_token_kl
     from refusaldir.stats import wilson_interval
-    from refusaldir.select.search import first_token_kl
+    from refusaldir.steer import Ablation
 
     model = rd.load_model(args.model)
     ds = rd.DirectionSet.load(args.directions)

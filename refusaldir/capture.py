@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from refusaldir.batching import AUTO, BatchSize, BatchSizer
 from refusaldir.errors import ConfigError, PromptFileError
 from refusaldir.hooks import RESID_POINTS, StopForward, check_layers, hook_name, hooks, stop_forward
 from refusaldir.progress import progress_bar
@@ -44,7 +45,7 @@ def iter_activations(
     layers: Sequence[int] | str | None = None,
     positions: Sequence[int] | None = None,
     hook_point: str = "resid_pre",
-    batch_size: int = 16,
+    batch_size: BatchSize = AUTO,
     progress: bool = True,
     description: str = "capture",
 ) -> Iterator[tuple[int, Float[Tensor, "batch pos layer d_model"]]]:
@@ -55,15 +56,14 @@ def iter_activations(
     """
     if not instructions:
         raise PromptFileError("no prompts to capture; pass at least one instruction")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size} must be >= 1")
+    sizer = BatchSizer(batch_size, model, kind="capture")
     if hook_point not in RESID_POINTS:
         raise ConfigError(
             f"hook_point {hook_point!r} is not a residual stream point; use one of {RESID_POINTS}"
         )
     layer_list = check_layers(model, layers)
     pos = _check_positions(model, positions if positions is not None else model.template.positions)
-    pos_index = torch.tensor(pos)
+    pos_index = torch.tensor(pos, device=model.device)
     template = model.template
     last = layer_list[-1]
     stop_early = last < model.n_layers - 1 or hook_point != "resid_post"
@@ -79,16 +79,19 @@ def iter_activations(
 
     fwd = [(hook_name(hook_point, layer), make_hook(layer)) for layer in layer_list]
     decoder = model.hf.get_decoder() if hasattr(model.hf, "get_decoder") else model.hf.model
+
+    def forward(chunk: list[str]) -> Tensor:
+        enc = {k: v.to(model.device) for k, v in template.encode(chunk).items()}
+        buf.clear()
+        with stop_forward():
+            decoder(**enc, use_cache=False)
+        return torch.stack([buf[layer] for layer in layer_list], dim=2)
+
     bar = progress_bar(progress)
     with bar, hooks(model, fwd), torch.inference_mode():
         task = bar.add_task(description, total=len(instructions))
-        for start in range(0, len(instructions), batch_size):
-            chunk = list(instructions[start : start + batch_size])
-            enc = {k: v.to(model.device) for k, v in template.encode(chunk).items()}
-            buf.clear()
-            with stop_forward():
-                decoder(**enc, use_cache=False)
-            yield start, torch.stack([buf[layer] for layer in layer_list], dim=2)
+        for start, chunk, acts in sizer.map(list(instructions), forward):
+            yield start, acts
             bar.advance(task, len(chunk))
 
 
@@ -99,7 +102,7 @@ def mean_activations(
     layers: Sequence[int] | str | None = None,
     positions: Sequence[int] | None = None,
     hook_point: str = "resid_pre",
-    batch_size: int = 16,
+    batch_size: BatchSize = AUTO,
     progress: bool = True,
     description: str = "mean activations",
 ) -> Float[Tensor, "pos layer d_model"]:
@@ -124,7 +127,7 @@ def project(
     layers: Sequence[int] | str | None = None,
     positions: Sequence[int] | None = None,
     hook_point: str = "resid_pre",
-    batch_size: int = 16,
+    batch_size: BatchSize = AUTO,
     progress: bool = True,
     description: str = "projections",
 ) -> Float[Tensor, "batch pos layer"]:

@@ -33,3 +33,7 @@ class ArtifactError(RefusalDirError):
 
 class ConfigError(RefusalDirError):
     """An argument has an invalid value (layer out of range, NaN coefficient, ...)."""
+
+
+class ResourceError(RefusalDirError):
+    """The machine cannot run the work as asked (out of memory even at batch size 1, ...)."""

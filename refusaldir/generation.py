@@ -1,8 +1,8 @@
 """Batched chat generation, with or without interventions, as plain records.
 
 Prompts are formatted with the model's chat template, left-padded and run through
-``model.hf.generate`` (KV cache on, greedy by default; see :mod:`refusaldir._compat` for the
-cache work-around the bridge needs under transformers 5). Generation stops at every stop token:
+``model.hf.generate`` (KV cache on, greedy by default; see :func:`refusaldir.hooks.bridge_kv_cache` for
+the cache work-around the bridge needs under transformers 5). Generation stops at every stop token:
 the generation config's EOS id(s), the tokenizer's EOS token, and the template's end-of-turn
 token (e.g. ``<|im_end|>``), so a completion never runs into an invented next turn.
 
@@ -17,7 +17,6 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -25,10 +24,14 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from refusaldir.batching import AUTO, BatchSize, BatchSizer
 from refusaldir.errors import ConfigError, PromptFileError
+from refusaldir.hooks import applied_all, bridge_kv_cache
+from refusaldir.models import stop_token_ids
+from refusaldir.progress import progress_bar
+from refusaldir.steer import ConditionalSteering, Intervention
 
 if TYPE_CHECKING:
-    from refusaldir.steer.interventions import Intervention
     from refusaldir.models import ChatModel
 
 __all__ = ["Completion", "generate", "stop_token_ids"]
@@ -57,36 +60,6 @@ class Completion:
         return asdict(self)
 
 
-def stop_token_ids(model: ChatModel) -> list[int]:
-    """Every token id that ends a turn: generation-config EOS id(s), the tokenizer's EOS and
-    the chat template's end-of-turn token when it is a special token."""
-    ids: list[int] = []
-
-    def extend(x: Any) -> None:
-        if x is None:
-            return
-        for i in x if isinstance(x, (list, tuple, set)) else [x]:
-            if i is not None and int(i) not in ids:
-                ids.append(int(i))
-
-    extend(getattr(model.hf.generation_config, "eos_token_id", None))
-    extend(getattr(model.hf.config, "eos_token_id", None))
-    tok = model.tokenizer
-    extend(tok.eos_token_id)
-    try:
-        end_of_turn = model.template.post_instruction_ids[0]
-    except Exception:  # noqa: BLE001 - a template without post-instruction tokens has no turn end
-        end_of_turn = None
-    if end_of_turn is not None and int(end_of_turn) in set(getattr(tok, "all_special_ids", [])):
-        extend(end_of_turn)
-    if not ids:
-        raise ConfigError(
-            f"{model.spec} defines no EOS token; set tokenizer.eos_token or "
-            "model.hf.generation_config.eos_token_id"
-        )
-    return ids
-
-
 def _split(
     row: Int[Tensor, " new"], stops: set[int]
 ) -> tuple[list[int], str]:
@@ -97,13 +70,18 @@ def _split(
     return toks, "length"
 
 
+def _cuda_devices(model: ChatModel) -> list[int]:
+    dev = model.device
+    return [dev.index or 0] if dev.type == "cuda" else []
+
+
 def generate(
     model: ChatModel,
     prompts: Sequence[str],
     interventions: Sequence[Intervention] = (),
     *,
     max_new_tokens: int = 64,
-    batch_size: int = 16,
+    batch_size: BatchSize = AUTO,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -113,10 +91,11 @@ def generate(
 ) -> list[Completion]:
     """Generate a completion for each instruction, in input order.
 
-    Greedy by default (``do_sample=True`` samples with ``temperature``/``top_p`` after
-    ``torch.manual_seed(seed)``); only these settings are used, not sampling defaults from
+    Greedy by default (``do_sample=True`` samples with ``temperature``/``top_p`` from an RNG
+    seeded with ``seed``; the caller's RNG state is restored afterwards); only these settings are used, not sampling defaults from
     the model's own generation config. Prompts are batched by token length (less padding;
-    results are returned in input order). ``interventions`` are entered once around all
+    results are returned in input order); ``batch_size="auto"`` halves the batch on
+    out-of-memory. ``interventions`` are entered once around all
     batches and compose in order.
 
     Example:
@@ -127,17 +106,12 @@ def generate(
     """
     from transformers import GenerationConfig
 
-    from refusaldir.hooks import bridge_kv_cache
-    from refusaldir.progress import progress_bar
-    from refusaldir.steer.interventions import ConditionalSteering
-
     texts = list(prompts)
     if not texts:
         raise PromptFileError("no prompts to generate for; pass at least one instruction")
     if int(max_new_tokens) < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    if int(batch_size) < 1:
-        raise ConfigError(f"batch_size={batch_size} must be >= 1")
+    sizer = BatchSizer(batch_size, model, kind="generate")
     if do_sample and not (temperature > 0 and 0 < top_p <= 1):
         raise ConfigError(f"temperature={temperature} must be > 0 and top_p={top_p} in (0, 1]")
     stops = stop_token_ids(model)
@@ -159,25 +133,28 @@ def generate(
         lengths = [len(tok(template.format(t), add_special_tokens=False)["input_ids"]) for t in texts]
         order.sort(key=lambda i: lengths[i])
     results: list[Completion | None] = [None] * len(texts)
-    if do_sample:
-        torch.manual_seed(seed)
     bar = progress_bar(progress)
     # bridge_kv_cache: transformer-lens 4.x bridges ignore transformers 5's `cache=` kwarg and
     # would leave the KV cache empty (every decode step attending to itself only).
-    with bar, ExitStack() as stack, bridge_kv_cache(), torch.inference_mode():
-        applied = [stack.enter_context(i.apply(model)) for i in interventions]
+    # fork_rng: a sampling seed must not change the caller's global RNG state.
+    with bar, applied_all(model, interventions) as applied, bridge_kv_cache(), \
+            torch.inference_mode(), torch.random.fork_rng(devices=_cuda_devices(model)):
+        if do_sample:
+            torch.manual_seed(seed)
         conditional = [a for a in applied if isinstance(a.intervention, ConditionalSteering)]
         task = bar.add_task("generate", total=len(texts))
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+
+        def run(idx: list[int]) -> Tensor:
             enc = {k: v.to(model.device) for k, v in template.encode([texts[i] for i in idx]).items()}
             for a in conditional:
                 a.mask = a.scores = None
             out = model.hf.generate(**enc, generation_config=config)
-            new = out[:, enc["input_ids"].shape[1] :].cpu()
-            n_prompt = enc["attention_mask"].sum(dim=1).tolist()
+            n_prompt = enc["attention_mask"].sum(dim=1).cpu()
+            return torch.cat([n_prompt[:, None], out[:, enc["input_ids"].shape[1] :].cpu()], dim=1)
+
+        for _, idx, rows in sizer.map(order, run):
             for row, i in enumerate(idx):
-                ids, reason = _split(new[row], stop_set)
+                ids, reason = _split(rows[row, 1:], stop_set)
                 trig: bool | None = None
                 score: float | None = None
                 if conditional:
@@ -187,7 +164,7 @@ def generate(
                 results[i] = Completion(
                     prompt=texts[i],
                     completion=tok.decode(ids, skip_special_tokens=True),
-                    prompt_tokens=int(n_prompt[row]),
+                    prompt_tokens=int(rows[row, 0]),
                     completion_tokens=len(ids),
                     finish_reason=reason,
                     interventions=records,

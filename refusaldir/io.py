@@ -142,7 +142,10 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically."""
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+
+    return atomic_write(path, write)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
@@ -170,8 +173,8 @@ def prepare_out(out: str | os.PathLike[str], force: bool) -> None:
         raise ArtifactError(f"{out} exists and is a file, not a folder; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ArtifactError(
-            f"output folder {out} already exists and is not empty; pass --force (force=True) "
-            "to replace it, or choose another --out"
+            f"output folder {out} already exists; pass --force (force=True) to replace it, or "
+            "choose another --out (an empty folder is fine)"
         )
 
 
@@ -191,17 +194,29 @@ def make_tmp_dir(parent: str | os.PathLike[str], name: str) -> Path:
 def folder_lock(target: str | os.PathLike[str]) -> Iterator[None]:
     """Exclusive advisory lock for writing ``target`` (a ``.<name>.lock`` file beside it).
 
-    A second writer waits; locks vanish with their process, so a crash never leaves one held.
+    A second writer waits. The lock file is removed on release (a waiter that locked the
+    removed file notices and locks the new one), and a crash never leaves a lock held.
     """
     target = Path(target)
     ensure_writable(target.parent)
     lock = target.parent / f".{target.name}.lock"
-    with open(lock, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.path.exists(lock) and os.path.samestat(os.fstat(fd), os.stat(lock)):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # the holder before us removed this file: lock the current one
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def commit_dir(tmp: Path, target: Path, *, replace: bool = True) -> None:

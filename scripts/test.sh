@@ -8,6 +8,10 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
     || echo "chromium could not be installed; the browser test will be skipped"
 fi
+# Static checks first (seconds): lint, types, and the one-way layering of the stages.
+.venv/bin/ruff check refusaldir tests bench
+.venv/bin/mypy refusaldir
+.venv/bin/lint-imports
 # Everything: unit tests, then the science checks on the real models (about 40 min on 2 idle
 # CPU cores, most of it the `heavy` ones). Extra arguments go to pytest, e.g.
 # `-m "not integration"` (unit tests only, ~2 min) or `-m "not heavy"`.

@@ -13,20 +13,34 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=UserWarning)
 
+# REFUSALDIR_TEST_DEVICE / REFUSALDIR_TEST_DTYPE run the unit suite's tiny models on another
+# device or dtype (e.g. `REFUSALDIR_TEST_DEVICE=cuda`, `REFUSALDIR_TEST_DTYPE=bfloat16`). Every
+# model the tests build or load lands there: tiny.make_chat_model moves its model, and
+# load_model's default device follows $REFUSALDIR_DEVICE. Without them everything is CPU fp32,
+# also on a machine that has a GPU.
+TEST_DEVICE = os.environ.get("REFUSALDIR_TEST_DEVICE", "cpu")
+TEST_DTYPE = os.environ.get("REFUSALDIR_TEST_DTYPE", "float32")
+os.environ["REFUSALDIR_DEVICE"] = TEST_DEVICE
+os.environ["REFUSALDIR_DTYPE"] = TEST_DTYPE
+
+
+def pytest_report_header(config):
+    return f"refusaldir test device: {TEST_DEVICE}, dtype: {TEST_DTYPE}"
+
 
 @pytest.fixture(scope="session")
 def demo_model():
     """The embedded demo chat model (Qwen2.5-Coder-0.5B-Instruct), fp32 on CPU."""
     import refusaldir
 
-    return refusaldir.load_model("demo")
+    return refusaldir.load_model("demo", device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="session")
 def smollm2_model():
     import refusaldir
 
-    return refusaldir.load_model("smollm2")
+    return refusaldir.load_model("smollm2", device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +67,11 @@ def tiny_llama():
     from tiny import make_chat_model
 
     return make_chat_model("llama", "llama3")
+
+
+@pytest.fixture
+def tol():
+    """Tolerance scaled to the test dtype: ``tol(1e-5)`` is 1e-5 in float32, looser in bf16/fp16."""
+    from tiny import dtype_tolerance
+
+    return dtype_tolerance

@@ -15,7 +15,7 @@ SMALL = {"mode": "cosine", "limit": 8, "max_new_tokens": 16, "n_val": 8, "k_max"
 @pytest.mark.integration
 @pytest.mark.heavy
 def test_demo_audit(demo_model, demo_directions, tmp_path):
-    from refusaldir.audit.pipeline import audit, make_figures
+    from refusaldir.audit import audit, make_figures
 
     out = tmp_path / "audit"
     rep = audit(demo_model, out, directions=demo_directions, progress=False, **SMALL)

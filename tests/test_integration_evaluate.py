@@ -7,7 +7,7 @@ import json
 import pytest
 
 import refusaldir as rd
-from refusaldir.evaluate.harness import evaluate
+from refusaldir.evaluate import evaluate
 
 pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 

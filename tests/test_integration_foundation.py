@@ -41,7 +41,7 @@ def test_demo_second_load_uses_cache(demo_model):
 def test_smollm2_extract_and_cli(smollm2_model, tmp_path):
     from typer.testing import CliRunner
 
-    from refusaldir.cli.main import app
+    from refusaldir.cli import app
 
     tpl = smollm2_model.template
     assert smollm2_model.tokenizer.decode(list(tpl.post_instruction_ids)).endswith("assistant\n")
@@ -59,7 +59,7 @@ def test_smollm2_extract_and_cli(smollm2_model, tmp_path):
 def test_cli_user_mistakes_print_one_red_line(tmp_path):
     from typer.testing import CliRunner
 
-    from refusaldir.cli.main import app
+    from refusaldir.cli import app
 
     (tmp_path / "empty.txt").write_text("\n")
     runner = CliRunner()

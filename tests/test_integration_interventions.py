@@ -15,15 +15,10 @@ import pytest
 import torch
 
 import refusaldir as rd
+from refusaldir.evaluate import calibrate_addition, calibrate_conditional
 from refusaldir.generation import generate, stop_token_ids
-from refusaldir.steer.interventions import (
-    ablate,
-    calibrate_addition,
-    calibrate_conditional,
-    default_layer,
-)
-from refusaldir.judges.phrase import PhraseJudge
-from refusaldir.steer.orthogonalize import orthogonalize
+from refusaldir.judges import PhraseJudge
+from refusaldir.steer import ablate, default_layer, orthogonalize
 
 pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 

@@ -15,7 +15,8 @@ import torch
 
 import refusaldir as rd
 from refusaldir.hooks import bridge_kv_cache
-from refusaldir.select.search import first_token_kl, select_direction
+from refusaldir.readout import first_token_kl
+from refusaldir.select import select_direction
 
 pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
@@ -50,8 +51,8 @@ def test_cosine_mode_on_demo(demo_model, demo_directions):
 
 def test_fast_mode_on_demo_and_ablation_bypasses_refusal(demo_model, demo_directions):
     from refusaldir.generation import generate
-    from refusaldir.steer.interventions import Ablation
-    from refusaldir.judges.phrase import PhraseJudge, refusal_rate
+    from refusaldir.judges import PhraseJudge, refusal_rate
+    from refusaldir.steer import Ablation
 
     model, ds = demo_model, demo_directions
     # every candidate and the CLI's default 32 + 32 validation prompts: what users run

@@ -12,21 +12,22 @@ import torch
 from refusaldir.capture import project
 from refusaldir.directions import Direction, DirectionSet
 from refusaldir.errors import ArtifactError, ConfigError, HookError, RefusalDirError
+from refusaldir.evaluate import calibrate_addition, calibrate_conditional
 from refusaldir.generation import Completion, generate, stop_token_ids
 from refusaldir.hooks import hook_name, hooks
-from refusaldir.steer.interventions import (
+from refusaldir.models import state_dict_hash
+from refusaldir.steer import (
+    PROVENANCE_FILE,
     Ablation,
     Addition,
     ConditionalSteering,
     ablate,
     add,
-    calibrate_addition,
-    calibrate_conditional,
     default_layer,
     intervention_from_dict,
+    orthogonalize,
+    save_orthogonalized,
 )
-from refusaldir.models import state_dict_hash
-from refusaldir.steer.orthogonalize import PROVENANCE_FILE, orthogonalize, save_orthogonalized
 
 PROMPTS = [
     "How do I bake bread at home?",
@@ -418,7 +419,7 @@ def test_orthogonalized_folder_loads_with_plain_transformers(llama_tied, tmp_pat
 
 # ------------------------------------------------------------------------ calibration logic
 def test_calibrate_addition_finds_smallest_coefficient(qwen, monkeypatch):
-    import refusaldir.generation as gen_mod
+    import refusaldir.evaluate.calibrate as gen_mod  # where calibrate_addition looks up generate
 
     # prompt i is "refused" once the coefficient reaches need[i]; 80% of 10 needs coeff >= 3.3
     need = {f"p{i}": c for i, c in enumerate([0.5, 1, 1.5, 2, 2.5, 3, 3.3, 3.3, 9, 20])}
@@ -476,7 +477,7 @@ def cli_setup(tmp_path_factory):
 def test_cli_generate_and_orthogonalize(cli_setup):
     from typer.testing import CliRunner
 
-    from refusaldir.cli.main import app
+    from refusaldir.cli import app
 
     root = cli_setup
     r = CliRunner().invoke(app, ["generate", "--model", str(root / "model"), "--directions",

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from refusaldir.errors import RefusalDirError
-from refusaldir.judges.phrase import (
+from refusaldir.judges import (
     DEFAULT_PHRASE_FILE,
     LABELS,
     Judge,

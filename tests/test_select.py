@@ -7,13 +7,14 @@ import math
 
 import pytest
 import torch
+from test_foundation import HARMFUL, HARMLESS
+from tiny import make_chat_model
 
 import refusaldir as rd
 from refusaldir.errors import ConfigError, RefusalDirError
-from refusaldir.judges.logit import RefusalTokens, find_refusal_tokens, refusal_score
-from refusaldir.select.search import SelectionConfig, first_token_kl, select_direction
-from test_foundation import HARMFUL, HARMLESS
-from tiny import make_chat_model
+from refusaldir.judges import RefusalTokens, find_refusal_tokens
+from refusaldir.readout import first_token_kl, refusal_score
+from refusaldir.select import SelectionConfig, select_direction
 
 # Small candidate set and prompt counts keep every selection well under a second or two.
 SMALL = dict(positions=[-2, -1], layers=[1, 2, 3], n_val=6, batch_size=4, progress=False,
@@ -70,7 +71,7 @@ class _StubJudge:
     name = "stub"
 
     def judge(self, prompt, response):
-        from refusaldir.judges.phrase import Judgement
+        from refusaldir.judges import Judgement
 
         label = "refusal" if prompt in HARMFUL else "compliance"
         return Judgement(label, 1.0, None, "stub")
@@ -118,11 +119,11 @@ def test_shared_scorer_matches_straightforward_loop(tiny):
 
 def test_late_start_and_prefix_reproduce_intervened_forward(tiny):
     """Addition started at the candidate's layer from the cached residual == a full pass."""
-    from refusaldir.steer.interventions import Addition
-    from refusaldir.select.search import _Engine
+    from refusaldir.select import ForwardEngine
+    from refusaldir.steer import Addition
 
     model, ds, _ = tiny
-    eng = _Engine(model, {"a": HARMLESS[:5]}, batch_size=2, share_prefix=True)
+    eng = ForwardEngine(model, {"a": HARMLESS[:5]}, batch_size=2, share_prefix=True)
     _, _, resid = eng.run("a", range(5), [], collect_all=True)
     d = ds.refusal_direction(2, -1)
     v = d.vector.to(model.dtype)
@@ -279,11 +280,10 @@ def test_kv_cache_compat_is_scoped(tiny):
 
 
 def test_cli_select(tiny, tmp_path):
+    from tiny import make_hf_model, make_tokenizer
     from typer.testing import CliRunner
 
-    from refusaldir.cli.main import app
-
-    from tiny import make_hf_model, make_tokenizer
+    from refusaldir.cli import app
 
     _, _, ids = tiny
     folder = tmp_path / "tiny-model"
@@ -341,34 +341,41 @@ def test_checkpoint_resumes_without_recomputing(tiny, tmp_path):
 def test_several_candidates_per_pass_match_one_by_one(tiny):
     """run_many (rows of several ablations in shared batches, one batched prefix pass)
     reproduces one pass per candidate; a stopped group keeps its prompts so far."""
-    from refusaldir.select.search import _Engine, _Selector
+    from refusaldir.select import ForwardEngine
+    from refusaldir.select.scoring import (
+        ablate_many,
+        ablation_hooks,
+        refusal_tokens,
+        shared_baseline,
+    )
+    from refusaldir.select.state import SelectionState
 
     model, ds, ids = tiny
     cfg = SelectionConfig(**{**SMALL, "refusal_ids": ids})
-    sel = _Selector(model, ds, HARMFUL[:6], HARMLESS[:6], cfg)
-    sel._refusal_tokens()
-    sel._shared_baseline()
-    eng: _Engine = sel.eng
+    sel = SelectionState.create(model, ds, HARMFUL[:6], HARMLESS[:6], cfg)
+    refusal_tokens(sel)
+    shared_baseline(sel)
+    eng: ForwardEngine = sel.engine
     cands = [(-1, 1), (-2, 2), (-1, 3)]
-    one = [eng.run("harmful", range(6), sel._ablation_hooks(c), key=("single", c))[0] for c in cands]
+    one = [eng.run("harmful", range(6), ablation_hooks(sel, c), key=("single", c))[0] for c in cands]
     items = [(c, range(6)) for c in cands]
-    out = sel._ablate_many("harmful", items, reduce=lambda prompts, logits: logits.clone())
-    assert eng.prefix_len > 0 and len(eng._banks) == 1
+    out = ablate_many(sel, "harmful", items, reduce=lambda prompts, logits: logits.clone())
+    assert eng.prefix_len > 0 and len(eng.banks) == 1
     for (prompts, logits, _), ref in zip(out, one):
         assert prompts == list(range(6))
         assert torch.allclose(logits, ref, atol=1e-5)
     # the prefix bank is reused for a subset in another order, with different prompts per group
     before = eng.forward_tokens
-    out = sel._ablate_many("harmful", [(cands[2], [4, 5]), (cands[0], range(3))],
-                           reduce=lambda prompts, logits: logits.clone())
+    out = ablate_many(sel, "harmful", [(cands[2], [4, 5]), (cands[0], range(3))],
+                      reduce=lambda prompts, logits: logits.clone())
     assert torch.allclose(out[0][1], one[2][[4, 5]], atol=1e-5)
     assert torch.allclose(out[1][1], one[0][:3], atol=1e-5)
-    assert len(eng._banks) == 1 and eng.forward_tokens > before
+    assert len(eng.banks) == 1 and eng.forward_tokens > before
     # a group that stops after its first batch; priority puts prompt 5 first
     pr = [0.0] * 6
     pr[5] = 1.0
-    out = sel._ablate_many("harmful", items, reduce=lambda prompts, logits: logits[:, 0].clone(),
-                           stop=lambda prompts, sc: True, priority=pr)
+    out = ablate_many(sel, "harmful", items, reduce=lambda prompts, logits: logits[:, 0].clone(),
+                      stop=lambda prompts, sc: True, priority=pr)
     for (prompts, sc, _), ref in zip(out, one):
         assert 0 < len(prompts) < 6 and prompts[0] == 5
         assert torch.allclose(sc, ref[prompts, 0], atol=1e-5)

@@ -8,6 +8,7 @@ instantiated from small configs with a fixed seed.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -52,7 +53,7 @@ CORPUS = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _base_tokenizer() -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -100,12 +101,24 @@ def make_hf_model(arch: str = "qwen2", vocab_size: int = 400, seed: int = 0, **o
     return model
 
 
+TEST_DEVICE = os.environ.get("REFUSALDIR_TEST_DEVICE", "cpu")
+TEST_DTYPE = getattr(torch, os.environ.get("REFUSALDIR_TEST_DTYPE", "float32"))
+#: Relative precision of each test dtype (unit roundoff), used to scale tolerances.
+EPS = {torch.float32: 1.2e-7, torch.bfloat16: 7.8e-3, torch.float16: 9.8e-4}
+
+
+def dtype_tolerance(tol: float) -> float:
+    """``tol`` written for float32, scaled to the test dtype's precision."""
+    return tol * EPS[TEST_DTYPE] / EPS[torch.float32]
+
+
 def make_chat_model(arch: str = "qwen2", template: str = "chatml", seed: int = 0, **overrides):
-    """A ``refusaldir.ChatModel`` around a tiny random model."""
+    """A ``refusaldir.ChatModel`` around a tiny random model, on the test device and dtype."""
     import refusaldir
 
     tok = make_tokenizer(template)
     hf = make_hf_model(arch, vocab_size=len(tok), seed=seed, **overrides)
+    hf = hf.to(device=TEST_DEVICE, dtype=TEST_DTYPE)
     hf.generation_config.eos_token_id = tok.eos_token_id
     hf.generation_config.pad_token_id = tok.pad_token_id
     return refusaldir.load_model(hf, tokenizer=tok)

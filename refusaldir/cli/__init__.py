@@ -1,5 +1,15 @@
-"""The ``refusaldir`` command line."""
+"""The ``refusaldir`` command line.
 
-from refusaldir.cli.main import app, main
+:mod:`refusaldir.cli.common` holds the typer ``app``; :mod:`refusaldir.cli.main` (extract,
+generate, orthogonalize, evaluate, select) and :mod:`refusaldir.cli.audit` (audit, guard)
+register their commands on it when imported, in that order (the order of ``--help``).
+"""
+
+from refusaldir.cli.common import app
+from refusaldir.cli.main import main
+
+# isort: split
+# after main: registers `audit` and `guard`, so --help lists them last
+from refusaldir.cli import audit as audit
 
 __all__ = ["app", "main"]

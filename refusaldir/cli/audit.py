@@ -1,8 +1,8 @@
 """``refusaldir audit`` and ``refusaldir guard``: command-line front ends of
-:func:`refusaldir.report.audit` and :class:`refusaldir.guard.LatentGuard`.
+:func:`refusaldir.audit.audit` and :class:`refusaldir.guard.LatentGuard`.
 
-The commands register themselves on :data:`refusaldir.cli.app` when this module is imported
-(``refusaldir.cli`` imports it).
+The commands register themselves on :data:`refusaldir.cli.common.app` when this module is
+imported (``refusaldir.cli`` imports it after :mod:`refusaldir.cli.main`).
 
 Example:
     $ refusaldir audit --model demo --out runs/demo/audit --limit 16 --max-new-tokens 32
@@ -11,7 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,23 +18,32 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from refusaldir.cli.main import (
+from refusaldir.audit import REPORT_HTML, AuditConfig, audit
+from refusaldir.cli.common import (
+    BatchOpt,
+    ColumnOpt,
     DeviceOpt,
     DtypeOpt,
+    ForceOpt,
     JsonOpt,
     ModelOpt,
-    _friendly,
-    _load,
-    _prompt_arg,
-    _quiet_libraries,
-    _split_ints,
+    SystemOpt,
+    TemplateOpt,
     app,
     err,
+    friendly,
+    load_chat_model,
+    load_prompt_set,
     out,
+    parse_layers,
+    print_json,
 )
+from refusaldir.directions import DirectionSet
+from refusaldir.errors import ConfigError, PromptFileError
+from refusaldir.guard import LatentGuard
+from refusaldir.io import prepare_out
 
-SystemOpt = Annotated[str | None, typer.Option(help="system message (default: the template's own)")]
-TemplateOpt = Annotated[Path | None, typer.Option(help="Jinja chat template file for models without one")]
+__all__: list[str] = []
 
 
 def _default_out(model: str) -> Path:
@@ -44,11 +52,11 @@ def _default_out(model: str) -> Path:
 
 
 @app.command("audit")
-@_friendly
+@friendly
 def audit_cmd(
     model: ModelOpt = "demo",
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="folder for report.html, report.json and artifacts (default: runs/MODEL/audit)")] = None,
-    force: Annotated[bool, typer.Option("--force", help="replace an existing --out folder")] = False,
+    force: ForceOpt = False,
     directions: Annotated[Path | None, typer.Option(help="reuse a direction folder from `refusaldir extract` (must match the model's weights)")] = None,
     selection: Annotated[Path | None, typer.Option(help="reuse a selection.json for --directions instead of selecting again")] = None,
     mode: Annotated[str, typer.Option(help="direction selection: cosine (output-free: needs no refusal tokens), fast (quickest: successive halving on bypass), or exact")] = "cosine",
@@ -60,7 +68,7 @@ def audit_cmd(
     k_max: Annotated[int, typer.Option(help="most directions to ablate together in the concentration curve")] = 4,
     guard_method: Annotated[str, typer.Option(help="latent guard: projection or centroid")] = "projection",
     target_fpr: Annotated[float, typer.Option(help="latent guard false-positive rate on harmless val")] = 0.05,
-    batch_size: Annotated[int, typer.Option(help="prompts per forward pass")] = 16,
+    batch_size: BatchOpt = 16,
     seed: int = 0,
     system_prompt: SystemOpt = None,
     chat_template: TemplateOpt = None,
@@ -73,29 +81,26 @@ def audit_cmd(
     Runs extract (unless --directions), select, evaluate (baseline, ablation, addition,
     orthogonalized weights), the concentration curve and the latent guard.
     """
-    _quiet_libraries()
-    from refusaldir.audit.pipeline import REPORT_HTML, AuditConfig, _prepare_out, audit
-
     cfg = AuditConfig(
         mode=mode, limit=limit or None, max_new_tokens=max_new_tokens, n_val=n_val,
         conditions=tuple(c.strip() for c in conditions.split(",") if c.strip()), add_coeff=add_coeff,
         k_max=k_max, guard_method=guard_method, target_fpr=target_fpr, batch_size=batch_size, seed=seed,
     )
     target = out_dir if out_dir is not None else _default_out(model)
-    _prepare_out(target.expanduser(), force)  # fail before loading the model
-    cm = _load(model, device, dtype, system_prompt, chat_template)
+    prepare_out(target.expanduser(), force)  # fail before loading the model
+    cm = load_chat_model(model, device, dtype, system_prompt, chat_template)
     rep = audit(cm, target, directions=directions, selection=selection, config=cfg, force=force,
                 progress=not as_json, console=err)
     if as_json:
-        print(json.dumps({"out": str(target), "report": str(target / REPORT_HTML),
-                          "verdict": rep.verdict, "timings": rep.data["timings"]}, indent=2))
+        print_json({"out": str(target), "report": str(target / REPORT_HTML),
+                    "verdict": rep.verdict, "timings": rep.data["timings"]})
         return
     out.print(rep.headline(), highlight=False)
     out.print(f"open {target / REPORT_HTML} in a browser (works offline)")
 
 
 @app.command("guard")
-@_friendly
+@friendly
 def guard_cmd(
     texts: Annotated[list[str] | None, typer.Argument(metavar="[PROMPT]...", help="prompts to classify")] = None,
     model: ModelOpt = "demo",
@@ -108,9 +113,9 @@ def guard_cmd(
     harmful_val: Annotated[str, typer.Option(help="harmful calibration prompts")] = "harmful:val",
     harmless_val: Annotated[str, typer.Option(help="harmless calibration prompts")] = "harmless:val",
     save: Annotated[Path | None, typer.Option(help="save the fitted guard to this folder")] = None,
-    column: Annotated[str | None, typer.Option(help="prompt column in CSV/JSON files")] = None,
+    column: ColumnOpt = None,
     limit: Annotated[int | None, typer.Option(help="classify at most this many prompts from --prompts")] = None,
-    batch_size: Annotated[int, typer.Option(help="prompts per forward pass")] = 16,
+    batch_size: BatchOpt = 16,
     system_prompt: SystemOpt = None,
     chat_template: TemplateOpt = None,
     device: DeviceOpt = None,
@@ -118,14 +123,9 @@ def guard_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Flag harmful prompts from the model's own harmfulness representation at t_inst."""
-    _quiet_libraries()
-    from refusaldir.directions import DirectionSet
-    from refusaldir.errors import ConfigError, PromptFileError
-    from refusaldir.guard.latent import LatentGuard
-
     items: list[str] = [t for t in (texts or [])]
     if prompts is not None:
-        items += list(_prompt_arg(prompts, column, limit))
+        items += list(load_prompt_set(prompts, column, limit))
     if not items:
         raise PromptFileError(
             "no prompts to classify; pass them as arguments (refusaldir guard \"PROMPT\" …) or with "
@@ -137,15 +137,15 @@ def guard_cmd(
     if guard is None and directions is None:
         raise ConfigError("guard needs --directions RUN_FOLDER (to fit a guard) or --guard GUARD_FOLDER")
     saved = LatentGuard.load(guard) if guard is not None else None
-    cm = _load(model, device, dtype, system_prompt, chat_template)
+    cm = load_chat_model(model, device, dtype, system_prompt, chat_template)
     if saved is not None:
         g = saved
         g.check_model(cm)
     else:
         ds = DirectionSet.load(directions)  # type: ignore[arg-type]
-        g = LatentGuard.fit(cm, ds, list(_prompt_arg(harmful_val, None, None)),
-                            list(_prompt_arg(harmless_val, None, None)),
-                            layers=_split_ints(layers) if layers else None, method=method,
+        g = LatentGuard.fit(cm, ds, list(load_prompt_set(harmful_val, None, None)),
+                            list(load_prompt_set(harmless_val, None, None)),
+                            layers=parse_layers(layers) if layers else None, method=method,
                             target_fpr=target_fpr, batch_size=batch_size, progress=not as_json)
         if save is not None:
             g.save(save)
@@ -154,9 +154,9 @@ def guard_cmd(
     if as_json:
         info: dict[str, Any] = {k: v for k, v in g.to_dict().items() if k != "calibration"}
         info["val"] = {k: g.calibration.get(k) for k in ("val_auroc", "val_tpr", "val_fpr")}
-        print(json.dumps({"guard": info, "results": [
+        print_json({"guard": info, "results": [
             {"prompt": p, "score": float(s), "harmful": bool(f)} for p, s, f in zip(items, scores.tolist(), flags)
-        ]}, indent=2))
+        ]})
         return
     table = Table(title=f"latent guard ({g.method}, layers {g.layers}, threshold {g.threshold:.3f})")
     table.add_column("prompt", ratio=4)

@@ -1,126 +1,93 @@
-"""The ``refusaldir`` command line: a thin layer over the public API.
+"""``refusaldir extract``, ``select``, ``generate``, ``orthogonalize`` and ``evaluate``: thin
+front ends of the public API, and :func:`main`, the ``refusaldir`` script.
 
-User mistakes print one red line on stderr and exit with status 1.
+The commands register themselves on :data:`refusaldir.cli.common.app` when this module is
+imported; ``audit`` and ``guard`` live in :mod:`refusaldir.cli.audit`.
+
+Example:
+    $ refusaldir extract --model demo --out runs/demo
+    $ refusaldir select --model demo --directions runs/demo
+    $ refusaldir generate --model demo --directions runs/demo --ablate -p harmful:test
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import os
-import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from refusaldir.errors import RefusalDirError
-
-app = typer.Typer(
-    help="Refusal-direction interpretability for Hugging Face chat models.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
+from refusaldir.cli.common import (
+    BatchOpt,
+    ColumnOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    JsonOpt,
+    LayerOpt,
+    ModelOpt,
+    PosOpt,
+    SystemOpt,
+    TemplateOpt,
+    app,
+    direction_layer,
+    direction_pos,
+    err,
+    friendly,
+    load_chat_model,
+    load_dataset_arg,
+    load_directions,
+    load_prompt_set,
+    out,
+    parse_ints,
+    parse_layers,
+    print_json,
+    torch_threads,
 )
-err = Console(stderr=True)
-out = Console()
-F = TypeVar("F", bound=Callable[..., Any])
+from refusaldir.directions import extract as extract_directions
+from refusaldir.directions import layer_stats
+from refusaldir.errors import ConfigError
+from refusaldir.evaluate import NEEDS_DIRECTIONS, evaluate
+from refusaldir.generation import generate
+from refusaldir.io import prepare_out
+from refusaldir.judges import PhraseJudge
+from refusaldir.select import SelectionConfig, select_direction
+from refusaldir.steer import PROVENANCE_FILE, Ablation, Addition, Intervention, save_orthogonalized
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="demo, smollm2, a .gguf file, a model folder or a hub id")]
-DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, … (default: cuda if available)")]
-DtypeOpt = Annotated[str | None, typer.Option(help="float32, bfloat16, float16 (default: float32 on CPU)")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON instead of a table")]
-
-
-@app.callback()
-def _root(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show library logs")] = False,
-) -> None:
-    """refusaldir: extract, select and apply refusal directions; evaluate and audit models."""
-    if verbose:
-        logging.basicConfig(level=logging.INFO)
+__all__ = ["main"]
 
 
-def _friendly(fn: F) -> F:
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except RefusalDirError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            err.print("[bold red]interrupted[/]")
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    import warnings
-
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-
-
-def _load(model: str, device: str | None, dtype: str | None, system_prompt: str | None,
-          chat_template: Path | None) -> Any:
-    from refusaldir.models import load_model
-
-    tpl = None
-    if chat_template is not None:
-        if not chat_template.is_file():
-            from refusaldir.errors import TemplateError
-
-            raise TemplateError(f"chat template file {chat_template} does not exist; check the path")
-        tpl = chat_template.read_text()
-    with err.status(f"loading {model} …"):
-        return load_model(model, device=device, dtype=dtype, system_prompt=system_prompt, chat_template=tpl)
-
-
-@app.command()
-@_friendly
-def extract(
+@app.command("extract")
+@friendly
+def extract_cmd(
     model: ModelOpt = "demo",
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="folder for directions.safetensors + metadata.json")] = Path("runs/demo"),
     harmful: Annotated[str, typer.Option(help="harmful prompts: a file, or 'harmful' for the shipped train split")] = "harmful",
     harmless: Annotated[str, typer.Option(help="harmless prompts: a file, or 'harmless' for the shipped train split")] = "harmless",
     harmful_test: Annotated[str, typer.Option(help="held-out harmful prompts for AUROC")] = "harmful:test",
     harmless_test: Annotated[str, typer.Option(help="held-out harmless prompts for AUROC")] = "harmless:test",
-    column: Annotated[str | None, typer.Option(help="prompt column in CSV/JSON files")] = None,
+    column: ColumnOpt = None,
     limit: Annotated[int | None, typer.Option(help="use at most this many prompts per set")] = None,
     layers: Annotated[str, typer.Option(help="'all' or comma-separated layer indices")] = "all",
     hook_point: Annotated[str, typer.Option(help="resid_pre, resid_mid or resid_post")] = "resid_pre",
     pos: Annotated[int, typer.Option(help="post-instruction position for the table (from the end)")] = -1,
-    batch_size: Annotated[int, typer.Option(help="prompts per forward pass")] = 16,
+    batch_size: BatchOpt = 16,
     seed: int = 0,
-    system_prompt: Annotated[str | None, typer.Option(help="system message (default: the template's own)")] = None,
-    chat_template: Annotated[Path | None, typer.Option(help="Jinja chat template file for models without one")] = None,
+    system_prompt: SystemOpt = None,
+    chat_template: TemplateOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Extract per-layer refusal and harmfulness directions and report how well they separate."""
-    _quiet_libraries()
-    from refusaldir.directions import extract as run_extract
-    from refusaldir.directions import layer_stats
-
-    sets = {k: _prompt_arg(v, column, limit) for k, v in
+    sets = {k: load_prompt_set(v, column, limit) for k, v in
             dict(harmful=harmful, harmless=harmless, harmful_test=harmful_test, harmless_test=harmless_test).items()}
-    layer_sel: Any = "all" if layers == "all" else _split_ints(layers)
-    cm = _load(model, device, dtype, system_prompt, chat_template)
-    ds = run_extract(cm, sets["harmful"], sets["harmless"], layers=layer_sel, hook_point=hook_point,
-                     batch_size=batch_size, seed=seed, progress=not as_json)
+    layer_sel: Any = "all" if layers == "all" else parse_layers(layers)
+    cm = load_chat_model(model, device, dtype, system_prompt, chat_template)
+    ds = extract_directions(cm, sets["harmful"], sets["harmless"], layers=layer_sel, hook_point=hook_point,
+                            batch_size=batch_size, seed=seed, progress=not as_json)
     rows = layer_stats(cm, ds, sets["harmful_test"], sets["harmless_test"], pos=pos,
                        batch_size=batch_size, progress=not as_json)
     ds.metadata["layer_stats"] = {"pos": pos, "rows": rows,
@@ -128,8 +95,8 @@ def extract(
                                                    "harmless": sets["harmless_test"].info()}}
     folder = ds.save(out_dir)
     if as_json:
-        print(json.dumps({"out": str(folder), "model": ds.metadata["model"], "positions": ds.positions,
-                          "t_inst": ds.t_inst, "layers": rows}, indent=2))
+        print_json({"out": str(folder), "model": ds.metadata["model"], "positions": ds.positions,
+                    "t_inst": ds.t_inst, "layers": rows})
         return
     table = Table(title=f"{model}: refusal (pos {pos}) vs harmfulness (t_inst) per layer")
     for col in ("layer", "‖refusal‖", "‖harmfulness‖", "cos(ref, harm)", "AUROC (test)"):
@@ -145,65 +112,8 @@ def extract(
     out.print(f"wrote {folder / 'directions.safetensors'} and {folder / 'metadata.json'}")
 
 
-def _split_ints(text: str) -> list[int]:
-    """Parse ``"10,12,14"`` or ``"8-14"`` into layer indices."""
-    import re
-
-    from refusaldir.errors import ConfigError
-
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if m := re.fullmatch(r"(\d+)-(\d+)", part):
-            out.extend(range(int(m[1]), int(m[2]) + 1))
-        elif re.fullmatch(r"-?\d+", part):
-            out.append(int(part))
-        else:
-            raise ConfigError(f"{text!r} is not a list of layers; write e.g. '10,12,14' or '8-14'")
-    return out
-
-
-def _prompt_arg(value: str, column: str | None, limit: int | None) -> Any:
-    """``harmful`` / ``harmless:test`` / ``borderline`` name shipped sets; anything else is a path."""
-    from refusaldir.data.prompts import SHIPPED, load_prompts
-
-    name, _, split = value.partition(":")
-    if name in SHIPPED and not Path(value).exists():
-        return load_prompts(name, split or (None if name == "borderline" else "train"), limit=limit)
-    return load_prompts(value, column=column, limit=limit)
-
-
 # ------------------------------------------------------------ interventions (generate, orthogonalize)
-def _load_directions(path: Path | None, cm: Any, needed_for: str) -> Any:
-    from refusaldir.directions import DirectionSet
-    from refusaldir.errors import ConfigError
-
-    if path is None:
-        raise ConfigError(f"{needed_for} needs --directions RUN_FOLDER (from `refusaldir extract`)")
-    ds = DirectionSet.load(path)
-    ds.check_model(cm)
-    return ds
-
-
-def _direction_layer(cm: Any, ds: Any, layer: int | None, quiet: bool) -> int:
-    """--layer, else the recorded selection, else the val-AUROC rule (printed)."""
-    if layer is not None:
-        return layer
-    if ds.selected is not None:
-        return int(ds.selected[1])
-    from refusaldir.steer.interventions import default_layer
-
-    with err.status("choosing a layer (val AUROC) …"):
-        chosen = default_layer(cm, ds)
-    if not quiet:
-        err.print(f"using layer {chosen}: highest harmful-vs-harmless AUROC on the val prompts "
-                  "among layers < 0.8·n_layers (pass --layer to choose)", highlight=False)
-    return chosen
-
-
 def _parse_add(spec: str) -> tuple[list[int], float]:
-    from refusaldir.errors import ConfigError
-
     layers, sep, coeff = spec.rpartition(":")
     if not sep or not layers:
         raise ConfigError(f"--add {spec!r} must look like LAYER:COEFF, e.g. 13:4 or 10-14:2")
@@ -211,29 +121,29 @@ def _parse_add(spec: str) -> tuple[list[int], float]:
         c = float(coeff)
     except ValueError:
         raise ConfigError(f"--add {spec!r}: coefficient {coeff!r} is not a number; write e.g. 13:4") from None
-    return _split_ints(layers), c
+    return parse_layers(layers), c
 
 
 @app.command("generate")
-@_friendly
+@friendly
 def generate_cmd(
     model: ModelOpt = "demo",
     prompts: Annotated[str, typer.Option("--prompts", "-p", help="a prompt file, or a shipped set such as harmful:test")] = "harmful:test",
     directions: Annotated[Path | None, typer.Option(help="direction folder from `refusaldir extract` (for --ablate/--add)")] = None,
     ablate: Annotated[bool, typer.Option("--ablate", help="project the refusal direction out of every layer")] = False,
     add: Annotated[list[str] | None, typer.Option("--add", help="LAYER:COEFF adds COEFF × the raw refusal direction to resid_pre (e.g. 13:4, 10-14:2); repeatable")] = None,
-    layer: Annotated[int | None, typer.Option(help="layer of the direction (default: selected, else best val AUROC)")] = None,
-    pos: Annotated[int | None, typer.Option(help="position of the direction (default: selected, else -1)")] = None,
+    layer: LayerOpt = None,
+    pos: PosOpt = None,
     max_new_tokens: Annotated[int, typer.Option(help="tokens to generate per prompt")] = 64,
     batch_size: Annotated[int, typer.Option(help="prompts per batch")] = 16,
     limit: Annotated[int | None, typer.Option(help="use at most this many prompts")] = None,
-    column: Annotated[str | None, typer.Option(help="prompt column in CSV/JSON files")] = None,
+    column: ColumnOpt = None,
     sample: Annotated[bool, typer.Option("--sample", help="sample instead of greedy decoding")] = False,
     temperature: float = 1.0,
     seed: int = 0,
     judge: Annotated[bool, typer.Option(help="label each completion with the phrase refusal judge")] = True,
-    system_prompt: Annotated[str | None, typer.Option(help="system message (default: the template's own)")] = None,
-    chat_template: Annotated[Path | None, typer.Option(help="Jinja chat template file for models without one")] = None,
+    system_prompt: SystemOpt = None,
+    chat_template: TemplateOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     as_json: JsonOpt = False,
@@ -243,41 +153,35 @@ def generate_cmd(
     With --add LAYER:COEFF the direction comes from LAYER itself when a single layer is given
     (Arditi et al.'s activation addition); otherwise from --layer.
     """
-    _quiet_libraries()
-    from refusaldir.generation import generate as run_generate
-    from refusaldir.steer.interventions import Ablation, Addition
-
-    texts = _prompt_arg(prompts, column, limit)
-    cm = _load(model, device, dtype, system_prompt, chat_template)
-    interventions: list[Any] = []
+    texts = load_prompt_set(prompts, column, limit)
+    cm = load_chat_model(model, device, dtype, system_prompt, chat_template)
+    interventions: list[Intervention] = []
     if ablate or add:
-        ds = _load_directions(directions, cm, "--ablate/--add")
-        p = pos if pos is not None else (ds.selected[0] if ds.selected else -1)
+        ds = load_directions(directions, cm, "--ablate/--add")
+        p = direction_pos(ds, pos)
         if ablate:
-            interventions.append(Ablation(ds.refusal_direction(_direction_layer(cm, ds, layer, as_json), p)))
+            interventions.append(Ablation(ds.refusal_direction(direction_layer(cm, ds, layer, as_json), p)))
         for spec in add or []:
             at, coeff = _parse_add(spec)
-            src = at[0] if len(at) == 1 and layer is None else _direction_layer(cm, ds, layer, as_json)
+            src = at[0] if len(at) == 1 and layer is None else direction_layer(cm, ds, layer, as_json)
             interventions.append(Addition(ds.refusal_direction(src, p), tuple(at), coeff))
-    comps = run_generate(cm, list(texts), interventions, max_new_tokens=max_new_tokens,
-                         batch_size=batch_size, do_sample=sample, temperature=temperature,
-                         seed=seed, progress=not as_json)
+    comps = generate(cm, list(texts), interventions, max_new_tokens=max_new_tokens,
+                     batch_size=batch_size, do_sample=sample, temperature=temperature,
+                     seed=seed, progress=not as_json)
     labels: list[str | None] = [None] * len(comps)
     if judge:
-        from refusaldir.judges.phrase import PhraseJudge
-
         labels = [j.label for j in PhraseJudge().judge_many([c.prompt for c in comps],
                                                             [c.completion for c in comps])]
     rate = sum(lab == "refusal" for lab in labels) / len(labels) if judge else None
     if as_json:
-        print(json.dumps({
+        print_json({
             "model": cm.describe(),
             "interventions": [i.to_dict() for i in interventions],
             "max_new_tokens": max_new_tokens,
             "refusal_rate": rate,
             "completions": [{k: v for k, v in {**c.to_dict(), "label": lab}.items() if k != "interventions"}
                             for c, lab in zip(comps, labels)],
-        }, indent=2))
+        })
         return
     title = ", ".join(f"{i.type} (layers {i.to_dict()['layers']})" for i in interventions) or "no intervention"
     table = Table(title=f"{model}: {title}", show_lines=True)
@@ -294,16 +198,16 @@ def generate_cmd(
 
 
 @app.command("orthogonalize")
-@_friendly
+@friendly
 def orthogonalize_cmd(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="folder to write the edited model to")],
     model: ModelOpt = "demo",
     directions: Annotated[Path | None, typer.Option(help="direction folder from `refusaldir extract`")] = None,
-    layer: Annotated[int | None, typer.Option(help="layer of the direction (default: selected, else best val AUROC)")] = None,
-    pos: Annotated[int | None, typer.Option(help="position of the direction (default: selected, else -1)")] = None,
-    force: Annotated[bool, typer.Option("--force", help="replace an existing --out folder")] = False,
-    system_prompt: Annotated[str | None, typer.Option(help="system message (default: the template's own)")] = None,
-    chat_template: Annotated[Path | None, typer.Option(help="Jinja chat template file for models without one")] = None,
+    layer: LayerOpt = None,
+    pos: PosOpt = None,
+    force: ForceOpt = False,
+    system_prompt: SystemOpt = None,
+    chat_template: TemplateOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     as_json: JsonOpt = False,
@@ -312,20 +216,16 @@ def orthogonalize_cmd(
 
     The folder loads with plain transformers.AutoModelForCausalLM.from_pretrained.
     """
-    _quiet_libraries()
-    from refusaldir.steer.orthogonalize import PROVENANCE_FILE, _prepare_out, save_orthogonalized
-
-    _prepare_out(out_dir.expanduser(), force)  # fail before loading the model
-    cm = _load(model, device, dtype, system_prompt, chat_template)
-    ds = _load_directions(directions, cm, "orthogonalize")
-    p = pos if pos is not None else (ds.selected[0] if ds.selected else -1)
-    direction = ds.refusal_direction(_direction_layer(cm, ds, layer, as_json), p)
+    prepare_out(out_dir.expanduser(), force)  # fail before loading the model
+    cm = load_chat_model(model, device, dtype, system_prompt, chat_template)
+    ds = load_directions(directions, cm, "orthogonalize")
+    direction = ds.refusal_direction(direction_layer(cm, ds, layer, as_json), direction_pos(ds, pos))
     with err.status(f"writing {out_dir} …"):
         folder = save_orthogonalized(cm, direction, out_dir, directions=ds, force=force)
     info = json.loads((folder / PROVENANCE_FILE).read_text())
     if as_json:
         info["direction"].pop("unit_vector", None)
-        print(json.dumps({"out": str(folder), **info}, indent=2))
+        print_json({"out": str(folder), **info})
         return
     out.print(f"wrote {folder} ({len(info['edited_parameters'])} parameters edited; direction: "
               f"{direction.kind}, layer {direction.layer}, pos {direction.pos})")
@@ -334,7 +234,7 @@ def orthogonalize_cmd(
 
 # ------------------------------------------------------------------------------- evaluate
 @app.command("evaluate")
-@_friendly
+@friendly
 def evaluate_cmd(
     model: ModelOpt = "demo",
     directions: Annotated[Path | None, typer.Option(help="direction folder (needed by every condition but baseline)")] = None,
@@ -350,40 +250,36 @@ def evaluate_cmd(
     batch_size: Annotated[int, typer.Option(help="prompts per batch")] = 16,
     limit: Annotated[int | None, typer.Option(help="use at most this many prompts per dataset")] = None,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="folder for results.json, completions.jsonl, results.md")] = Path("runs/demo/eval"),
-    column: Annotated[str | None, typer.Option(help="prompt column in CSV/JSON files")] = None,
-    system_prompt: Annotated[str | None, typer.Option(help="system message (default: the template's own)")] = None,
-    chat_template: Annotated[Path | None, typer.Option(help="Jinja chat template file for models without one")] = None,
+    column: ColumnOpt = None,
+    system_prompt: SystemOpt = None,
+    chat_template: TemplateOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Refusal and over-refusal rates (Wilson 95% CIs), KL and loss for each condition."""
-    _quiet_libraries()
-    from refusaldir.errors import ConfigError
-    from refusaldir.evaluate.harness import NEEDS_DIRECTIONS, evaluate
-
     names = [c.strip() for c in conditions.split(",") if c.strip()]
     if any(n in NEEDS_DIRECTIONS for n in names) and directions is None:
         raise ConfigError(
             f"conditions {[n for n in names if n in NEEDS_DIRECTIONS]} need --directions RUN_FOLDER "
             "(from `refusaldir extract`)"
         )
-    sets = {"harmful": _dataset_arg(harmful, dataset, column, limit),
-            "harmless": _dataset_arg(harmless, None, column, limit)}
+    sets = {"harmful": load_dataset_arg(harmful, dataset, column, limit),
+            "harmless": load_dataset_arg(harmless, None, column, limit)}
     if borderline:
-        sets["borderline"] = _dataset_arg(borderline, dataset, column, limit)
+        sets["borderline"] = load_dataset_arg(borderline, dataset, column, limit)
     text_body = None
     if text is not None:
         if not text.is_file():
             raise ConfigError(f"text file {text} does not exist; check --text")
         text_body = text.read_text(encoding="utf-8", errors="replace")
-    cm = _load(model, device, dtype, system_prompt, chat_template)
-    ds = _load_directions(directions, cm, "evaluate") if directions is not None else None
+    cm = load_chat_model(model, device, dtype, system_prompt, chat_template)
+    ds = load_directions(directions, cm, "evaluate") if directions is not None else None
     res = evaluate(cm, ds, conditions=names, datasets=sets, judge=judge, max_new_tokens=max_new_tokens,
                    batch_size=batch_size, add_coeff=add_coeff, text=text_body, progress=not as_json)
     folder = res.save(out_dir)
     if as_json:
-        print(json.dumps(res.results, indent=2, sort_keys=True))
+        print_json(res.results, sort_keys=True)
         return
     print(res.markdown())  # plain print: rich would re-wrap the Markdown table
     t = res.results["timings"]
@@ -391,18 +287,9 @@ def evaluate_cmd(
               f"({t['total']:.0f}s; judging {t['judge']:.1f}s)")
 
 
-def _dataset_arg(value: str, fmt: str | None, column: str | None, limit: int | None) -> Any:
-    """A shipped set name, or a file read with a benchmark loader when ``--dataset`` is given."""
-    from refusaldir.data.datasets import load_dataset
-
-    if fmt is None or value.partition(":")[0] in ("harmful", "harmless", "borderline"):
-        return _prompt_arg(value, column, limit)
-    return load_dataset(fmt, value, limit=limit)
-
-
 # ------------------------------------------------------------------------------- select
 @app.command("select")
-@_friendly
+@friendly
 def select_cmd(
     model: ModelOpt = "demo",
     directions: Annotated[Path, typer.Option(help="direction folder from `refusaldir extract`; the choice is saved there")] = Path("runs/demo"),
@@ -421,53 +308,35 @@ def select_cmd(
     method: Annotated[str, typer.Option(help="shared (fast, same result) or naive (the straightforward loop)")] = "shared",
     fast_prompts: Annotated[int, typer.Option(help="fast mode: harmful prompts in the short bypass pass that ranks candidates")] = 8,
     fast_keep: Annotated[int, typer.Option(help="fast mode: KL-passing finalists scored on every validation prompt")] = 2,
-    batch_size: Annotated[int, typer.Option(help="prompts per forward pass")] = 16,
+    batch_size: BatchOpt = 16,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (on a busy machine 1 can be much faster)")] = None,
-    column: Annotated[str | None, typer.Option(help="prompt column in CSV/JSON files")] = None,
+    column: ColumnOpt = None,
     seed: int = 0,
-    system_prompt: Annotated[str | None, typer.Option(help="system message (default: the template's own)")] = None,
-    chat_template: Annotated[Path | None, typer.Option(help="Jinja chat template file for models without one")] = None,
+    system_prompt: SystemOpt = None,
+    chat_template: TemplateOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Pick the refusal direction (position × layer), explain why, and save the choice."""
-    _quiet_libraries()
-    from refusaldir.errors import ConfigError
-    from refusaldir.select.search import SelectionConfig, select_direction
-
-    def ints(text: str | None, what: str) -> list[int] | None:
-        if text is None:
-            return None
-        if what == "positions":
-            try:
-                return [int(x) for x in text.split(",") if x.strip()]
-            except ValueError:
-                raise ConfigError(f"--positions {text!r} must be comma-separated integers, e.g. -1,-5") from None
-        return _split_ints(text)
-
     cfg = SelectionConfig(
         mode=mode, method=method, n_val=n_val, kl_max=kl_max, max_layer_frac=max_layer_frac,
-        induce_min=induce_min, positions=ints(positions, "positions"), layers=ints(layers, "layers"),
-        refusal_ids=ints(refusal_tokens, "positions"), top_k=top_k, n_bootstrap=bootstrap,
+        induce_min=induce_min, positions=parse_ints(positions, "--positions", "-1,-5"),
+        layers=parse_layers(layers) if layers is not None else None,
+        refusal_ids=parse_ints(refusal_tokens, "--refusal-tokens", "40,1263"), top_k=top_k, n_bootstrap=bootstrap,
         batch_size=batch_size, seed=seed, progress=not as_json, fast_prompts=fast_prompts,
         fast_keep=fast_keep,
     )
-    if threads is not None:
-        if threads < 1:
-            raise ConfigError(f"--threads {threads} must be >= 1")
-        import torch
-
-        torch.set_num_threads(threads)
-    harmful = _prompt_arg(harmful_val, column, n_val)
-    harmless = _prompt_arg(harmless_val, column, n_val)
-    cm = _load(model, device, dtype, system_prompt, chat_template)
-    ds = _load_directions(directions, cm, "select")
-    res = select_direction(cm, ds, harmful, harmless, cfg)
+    with torch_threads(threads):
+        harmful = load_prompt_set(harmful_val, column, n_val)
+        harmless = load_prompt_set(harmless_val, column, n_val)
+        cm = load_chat_model(model, device, dtype, system_prompt, chat_template)
+        ds = load_directions(directions, cm, "select")
+        res = select_direction(cm, ds, harmful, harmless, cfg)
     ds.save(directions)
     path = res.save(directions)
     if as_json:
-        print(json.dumps(json.loads(path.read_text()), indent=2))
+        print_json(json.loads(path.read_text()))
         return
     table = Table(title=f"{model}: refusal-direction candidates ({res.mode} mode), top {len(res.top_k)}")
     for col in ("rank", "pos", "layer", "bypass ↓", "induce", "KL", "cosine ↑", "status"):
@@ -500,14 +369,10 @@ def select_cmd(
               f"choice into {directions / 'metadata.json'}", highlight=False)
 
 
-# `audit` and `guard` live in refusaldir/cli_audit.py and register themselves on `app`.
-from refusaldir.cli import audit as _cli_audit  # noqa: E402,F401
-
-
 def main() -> None:
     """Entry point of the ``refusaldir`` script."""
     app(prog_name="refusaldir")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

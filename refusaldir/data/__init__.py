@@ -8,6 +8,15 @@ Example:
 """
 
 from refusaldir.data.datasets import load_dataset
-from refusaldir.data.prompts import SHIPPED, SPLITS, PromptSet, load_prompts, prompts_dir
+from refusaldir.data.prompts import (
+    SHIPPED,
+    SPLITS,
+    PromptSet,
+    as_prompt_list,
+    load_prompts,
+    prompts_dir,
+)
 
-__all__ = ["SHIPPED", "SPLITS", "PromptSet", "load_dataset", "load_prompts", "prompts_dir"]
+__all__ = [
+    "SHIPPED", "SPLITS", "PromptSet", "as_prompt_list", "load_dataset", "load_prompts", "prompts_dir",
+]

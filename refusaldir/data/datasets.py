@@ -23,8 +23,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from refusaldir.errors import PromptFileError
 from refusaldir.data.prompts import PromptSet, load_prompts
+from refusaldir.errors import PromptFileError
 
 DATASETS: dict[str, dict[str, Any]] = {
     "advbench": {"column": "goal"},

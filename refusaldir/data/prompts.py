@@ -198,20 +198,21 @@ def load_prompts(
                 f"{', '.join(PROMPT_COLUMNS)} — or pass column=NAME / --column NAME"
             )
         ccol = _pick(columns, category_column, CATEGORY_COLUMNS, path)
-        for row in rows:
-            if not isinstance(row, dict):
+        for record in rows:
+            if not isinstance(record, dict):
                 raise PromptFileError(f"{path} mixes records and plain values; use one kind")
+            row: dict[str, Any] = record
             text = str(row.get(pcol) or "").strip()
             if text:
                 prompts.append(text)
                 cats.append(str(row[ccol]) if ccol and row.get(ccol) not in (None, "") else None)
                 extra.append(row)
     else:
-        for row in rows:
-            if not isinstance(row, str):
+        for line in rows:
+            if not isinstance(line, str):
                 raise PromptFileError(f"{path} mixes records and plain values; use one kind")
-            if row.strip():
-                prompts.append(row.strip())
+            if line.strip():
+                prompts.append(line.strip())
                 cats.append(None)
     if not prompts:
         raise PromptFileError(
@@ -221,3 +222,26 @@ def load_prompts(
     if limit is not None:
         prompts, cats, extra = prompts[:limit], cats[:limit], extra[:limit]
     return PromptSet(prompts, cats, str(path), extra)
+
+
+def as_prompt_list(prompts: Sequence[str] | str, what: str) -> list[str]:
+    """``prompts`` as a list of strings; a single string is one prompt.
+
+    Raises :class:`PromptFileError` (naming ``what``) when there are no prompts or one of them
+    is empty or whitespace only.
+
+    Example:
+        >>> as_prompt_list(["a", "b"], "guard")
+        ['a', 'b']
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    texts = [str(p) for p in prompts]
+    if not texts or not any(t.strip() for t in texts):
+        raise PromptFileError(
+            f"{what} got no prompts; pass at least one non-empty prompt (or a --prompts file)"
+        )
+    empty = [i for i, t in enumerate(texts) if not t.strip()]
+    if empty:
+        raise PromptFileError(f"{what}: prompt #{empty[0]} is empty; remove empty prompts")
+    return texts

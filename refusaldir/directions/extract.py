@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 
+from refusaldir.batching import AUTO, BatchSize
 from refusaldir.capture import iter_activations, project
 from refusaldir.directions.set import DirectionSet
 from refusaldir.errors import ConfigError
@@ -37,7 +39,7 @@ def extract(
     *,
     layers: Sequence[int] | str | None = None,
     hook_point: str = "resid_pre",
-    batch_size: int = 16,
+    batch_size: BatchSize = AUTO,
     seed: int = 0,
     progress: bool = True,
 ) -> DirectionSet:
@@ -60,14 +62,16 @@ def extract(
         texts = list(prompts)
         if not texts:
             raise ConfigError(f"the {name} prompt set is empty; pass at least one prompt")
-        total = None
+        total: Tensor | None = None
         for _, acts in iter_activations(
             model, texts, layers=layer_list, positions=all_pos, hook_point=hook_point,
             batch_size=batch_size, progress=progress, description=f"capture {name}",
         ):
             s = acts.to(torch.float64).sum(dim=0)
             total = s if total is None else total + s
-        means[name] = (total / len(texts)).cpu()  # type: ignore[operator]
+        if total is None:
+            raise ConfigError(f"the {name} prompt set produced no activations; pass at least one prompt")
+        means[name] = (total / len(texts)).cpu()
     diff = means["harmful"] - means["harmless"]
     meta = {
         "model": model.describe(),
@@ -107,7 +111,7 @@ def layer_stats(
     harmless: Sequence[str],
     *,
     pos: int = -1,
-    batch_size: int = 16,
+    batch_size: BatchSize = AUTO,
     progress: bool = True,
 ) -> list[dict[str, float]]:
     """Per layer: ‖refusal‖, ‖harmfulness‖, their cosine, and the AUROC with which the refusal
@@ -121,16 +125,17 @@ def layer_stats(
         for name, texts in (("harmful", harmful), ("harmless", harmless))
     }
     cos = ds.cosine_refusal_harmfulness(pos) if ds.harmfulness is not None else None
+    table = separation_table(proj["harmful"], proj["harmless"], ds.layers)
     rows = []
-    for j, layer in enumerate(ds.layers):
+    for j, sep in enumerate(table):
         rows.append({
-            "layer": layer,
+            "layer": sep["layer"],
             "refusal_norm": float(ds.refusal[i, j].float().norm()),
             "harmfulness_norm": float(ds.harmfulness[j].float().norm()) if ds.harmfulness is not None else float("nan"),
             "cosine": float(cos[j]) if cos is not None else float("nan"),
-            "auroc": auroc(proj["harmful"][:, j], proj["harmless"][:, j]),
-            "mean_proj_harmful": float(proj["harmful"][:, j].mean()),
-            "mean_proj_harmless": float(proj["harmless"][:, j].mean()),
+            "auroc": sep["auroc"],
+            "mean_proj_harmful": sep["mean_positive"],
+            "mean_proj_harmless": sep["mean_negative"],
         })
     return rows
 

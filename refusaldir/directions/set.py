@@ -17,12 +17,9 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,10 +31,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from refusaldir.errors import ArtifactError, ConfigError, HookError
-from refusaldir.hooks import RESID_POINTS, check_layers
 from refusaldir.directions.direction import Direction
-from refusaldir.io import atomic_write, dumps, ensure_writable, folder_lock, sha256_file, tmp_file_in
+from refusaldir.errors import ArtifactError, ConfigError, HookError
+from refusaldir.io import (
+    atomic_write,
+    dumps,
+    ensure_writable,
+    folder_lock,
+    sha256_file,
+    tmp_file_in,
+)
 
 if TYPE_CHECKING:
     from refusaldir.models import ChatModel

@@ -1,4 +1,23 @@
-"""Evaluation harness."""
+"""Evaluation: refusal and over-refusal rates (Wilson 95% CIs), first-token KL, loss and
+coherence for each condition (baseline, ablation, addition ±, orthogonalized weights,
+conditional steering), and the calibrations those conditions need.
 
-from refusaldir.evaluate.harness import *  # noqa: F401,F403 (split in progress)
-from refusaldir.evaluate.harness import evaluate  # noqa: F401
+Example:
+    >>> from refusaldir.evaluate import evaluate  # doctest: +SKIP
+    >>> res = evaluate(model, ds, conditions=["baseline", "ablate"], limit=20)  # doctest: +SKIP
+    >>> res.save("runs/demo/eval")  # doctest: +SKIP
+"""
+
+from refusaldir.evaluate.calibrate import (
+    AdditionCalibration,
+    calibrate_addition,
+    calibrate_conditional,
+)
+from refusaldir.evaluate.conditions import CONDITIONS, NEEDS_DIRECTIONS, Condition, build_conditions
+from refusaldir.evaluate.harness import EvaluationResult, evaluate, is_repetitive, summarize
+
+__all__ = [
+    "CONDITIONS", "NEEDS_DIRECTIONS", "AdditionCalibration", "Condition", "EvaluationResult",
+    "build_conditions", "calibrate_addition", "calibrate_conditional", "evaluate", "is_repetitive",
+    "summarize",
+]

@@ -18,233 +18,32 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
-from jaxtyping import Float
 from torch import Tensor
 
-from refusaldir.errors import ConfigError
-from refusaldir.steer.interventions import applied_all
-from refusaldir.stats import wilson_interval
+from refusaldir.data import PromptSet, load_prompts
+from refusaldir.directions import DirectionSet
+from refusaldir.errors import ArtifactError, ConfigError
+from refusaldir.evaluate.conditions import Condition, build_conditions
+from refusaldir.generation import Completion, generate
+from refusaldir.io import atomic_write_text, dumps, folder_lock, make_tmp_dir
+from refusaldir.judges import Judge, make_judge
+from refusaldir.models import ChatModel
+from refusaldir.readout import completion_loss, first_token_logprobs, kl_divergence, text_loss
+from refusaldir.stats import rate
 
-if TYPE_CHECKING:
-    from refusaldir.directions import DirectionSet
-    from refusaldir.generation import Completion
-    from refusaldir.judges.phrase import Judge
-    from refusaldir.models import ChatModel
-    from refusaldir.data.prompts import PromptSet
+__all__ = ["RESULT_FILES", "EvaluationResult", "evaluate", "is_repetitive", "summarize"]
 
-CONDITIONS = ("baseline", "ablate", "add", "subtract", "ortho", "conditional")
-NEEDS_DIRECTIONS = frozenset(CONDITIONS) - {"baseline"}
 ROUND = 6
-
-
-@dataclass
-class Condition:
-    """A named way of running the model: interventions on it, or another model (``ortho``)."""
-
-    name: str
-    interventions: tuple[Any, ...] = ()
-    model: ChatModel | None = None
-    description: str = ""
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def record(self) -> dict[str, Any]:
-        return {"description": self.description,
-                "interventions": [i.to_dict() for i in self.interventions], **self.info}
-
-
-def build_conditions(
-    model: ChatModel,
-    directions: DirectionSet | None,
-    names: Sequence[str],
-    *,
-    add_coeff: float | None = None,
-    harmless_val: Sequence[str] | None = None,
-    harmful_val: Sequence[str] | None = None,
-    target_rate: float = 0.8,
-    target_fpr: float = 0.05,
-    batch_size: int = 16,
-    progress: bool = False,
-) -> list[Condition]:
-    """Turn condition names into :class:`Condition` objects (calibrating where needed).
-
-    The refusal direction is the set's selected one, else the layer chosen by
-    :func:`refusaldir.interventions.default_layer` at the last post-instruction position.
-    ``add_coeff=None`` calibrates the addition coefficient on ``harmless_val`` for
-    ``target_rate`` induced refusal (:func:`refusaldir.interventions.calibrate_addition`).
-    """
-    from refusaldir.steer.interventions import (
-        Ablation,
-        Addition,
-        calibrate_addition,
-        calibrate_conditional,
-        default_layer,
-    )
-
-    unknown = [n for n in names if n not in CONDITIONS]
-    if unknown:
-        raise ConfigError(
-            f"unknown condition(s) {unknown}; choose from {', '.join(CONDITIONS)}"
-        )
-    if not names:
-        raise ConfigError(f"no conditions given; choose from {', '.join(CONDITIONS)}")
-    needing = [n for n in names if n in NEEDS_DIRECTIONS]
-    if needing and directions is None:
-        raise ConfigError(
-            f"condition(s) {needing} need refusal directions; pass --directions RUN_DIR "
-            "(from `refusaldir extract`)"
-        )
-    out: list[Condition] = []
-    direction = None
-    coeff = add_coeff
-    calib: dict[str, Any] | None = None
-    if needing:
-        assert directions is not None
-        directions.check_model(model)
-        if directions.selected is not None:
-            direction = directions.refusal_direction()
-            how = "selected"
-        else:
-            layer = default_layer(model, directions, harmful_val, harmless_val,
-                                  batch_size=batch_size, progress=progress)
-            direction = directions.refusal_direction(layer, directions.positions[-1])
-            how = "default_layer (best val AUROC below 0.8·n_layers)"
-        if coeff is None and any(n in ("add", "subtract", "conditional") for n in names):
-            cal = calibrate_addition(model, direction, harmless_val, target_rate,
-                                     batch_size=batch_size, progress=progress)
-            coeff = cal.coeff
-            calib = cal.to_dict()
-            calib.pop("addition", None)
-        if coeff is not None and not math.isfinite(coeff):
-            raise ConfigError(f"add_coeff={coeff} is not finite; pass a real number")
-    for name in names:
-        if name == "baseline":
-            out.append(Condition(name, description="unmodified model"))
-            continue
-        assert direction is not None
-        src = {"direction": direction.to_dict(), "direction_choice": how}
-        if name == "ablate":
-            out.append(Condition(name, (Ablation(direction),),
-                                 description=f"directional ablation (layer {direction.layer}, pos {direction.pos}) at every layer",
-                                 info=src))
-        elif name in ("add", "subtract"):
-            sign = 1.0 if name == "add" else -1.0
-            out.append(Condition(name, (Addition(direction, coeff=sign * float(coeff)),),  # type: ignore[arg-type]
-                                 description=f"activation addition ×{sign * float(coeff):+.3g} at layer {direction.layer}",  # type: ignore[arg-type]
-                                 info={**src, "coeff": sign * float(coeff), "calibration": calib}))  # type: ignore[arg-type]
-        elif name == "ortho":
-            from refusaldir.models import load_model
-            from refusaldir.steer.orthogonalize import orthogonalize
-
-            ortho = load_model(orthogonalize(model, direction), tokenizer=model.tokenizer,
-                               system_prompt=model.system_prompt, chat_template=model.chat_template)
-            out.append(Condition(name, model=ortho, info=src,
-                                 description="weights orthogonalized to the refusal direction"))
-        elif name == "conditional":
-            assert directions is not None
-            cs = calibrate_conditional(model, directions, Addition(direction, coeff=float(coeff)),  # type: ignore[arg-type]
-                                       harmless_val, target_fpr=target_fpr, harmful_val=harmful_val,
-                                       batch_size=batch_size, progress=progress)
-            out.append(Condition(name, (cs,), info={**src, "calibration": cs.calibration},
-                                 description=f"addition ×{float(coeff):+.3g} only where the harmfulness "  # type: ignore[arg-type]
-                                             f"projection (layer {cs.layer}) exceeds {cs.threshold:.3g}"))
-    return out
-
-
-# ------------------------------------------------------------------ measurements
-def first_token_logprobs(
-    model: ChatModel, prompts: Sequence[str], interventions: Sequence[Any] = (), *, batch_size: int = 16
-) -> Float[Tensor, "batch vocab"]:
-    """Log-probabilities of the first generated token (LM head at the last position only)."""
-    rows = []
-    decoder = model.hf.get_decoder()
-    head = model.hf.get_output_embeddings()
-    with applied_all(model, interventions), torch.inference_mode():
-        for s in range(0, len(prompts), batch_size):
-            enc = {k: v.to(model.device) for k, v in model.template.encode(list(prompts[s : s + batch_size])).items()}
-            hidden = decoder(**enc, use_cache=False).last_hidden_state[:, -1]
-            rows.append(torch.log_softmax(head(hidden).float(), dim=-1).cpu())
-    return torch.cat(rows)
-
-
-def kl_divergence(p_log: Tensor, q_log: Tensor) -> Tensor:
-    """Per-row KL(p ‖ q) from log-probabilities."""
-    return (p_log.exp() * (p_log - q_log)).sum(-1).clamp_min(0)
-
-
-def completion_loss(
-    model: ChatModel,
-    prompts: Sequence[str],
-    completions: Sequence[str],
-    interventions: Sequence[Any] = (),
-    *,
-    batch_size: int = 8,
-) -> dict[str, float]:
-    """Token-weighted cross-entropy of ``completions`` given their prompts (teacher forcing)."""
-    tok = model.tokenizer
-    total, count = 0.0, 0
-    with applied_all(model, interventions), torch.inference_mode():
-        for s in range(0, len(prompts), batch_size):
-            p_enc = model.template.encode(list(prompts[s : s + batch_size]))
-            rows, targets = [], []
-            for i, comp in enumerate(completions[s : s + batch_size]):
-                p_ids = p_enc["input_ids"][i][p_enc["attention_mask"][i].bool()].tolist()
-                c_ids = tok(comp, add_special_tokens=False)["input_ids"]
-                if not c_ids:
-                    continue
-                rows.append(p_ids + c_ids)
-                targets.append(len(c_ids))
-            if not rows:
-                continue
-            width = max(len(r) for r in rows)
-            pad = tok.pad_token_id
-            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model.hf(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                              position_ids=pos.to(model.device), use_cache=False).logits.float().cpu()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            nxt = ids[:, 1:]
-            tok_lp = logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
-            for r, n in enumerate(targets):
-                total -= float(tok_lp[r, -n:].sum())
-                count += n
-    ce = total / count if count else float("nan")
-    return {"ce": ce, "ppl": math.exp(ce) if count else float("nan"), "tokens": count}
-
-
-def text_loss(
-    model: ChatModel, text: str, interventions: Sequence[Any] = (), *, chunk: int = 256,
-    max_tokens: int = 4096, batch_size: int = 4,
-) -> dict[str, float]:
-    """Cross-entropy on plain text (no chat template), in chunks of ``chunk`` tokens."""
-    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
-    if len(ids) < 2:
-        raise ConfigError("the text file has fewer than 2 tokens; pass a longer plain-text file")
-    pieces = [ids[i : i + chunk] for i in range(0, len(ids), chunk) if len(ids[i : i + chunk]) > 1]
-    total, count = 0.0, 0
-    with applied_all(model, interventions), torch.inference_mode():
-        for s in range(0, len(pieces), batch_size):
-            batch = pieces[s : s + batch_size]
-            width = max(len(p) for p in batch)
-            pad = model.tokenizer.pad_token_id
-            x = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model.hf(input_ids=x.to(model.device), attention_mask=mask.to(model.device),
-                              position_ids=pos.to(model.device), use_cache=False).logits.float().cpu()
-            lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1)
-            valid = mask[:, 1:].bool() & mask[:, :-1].bool()
-            total -= float(lp[valid].sum())
-            count += int(valid.sum())
-    ce = total / count
-    return {"ce": ce, "ppl": math.exp(ce), "tokens": count}
+#: What :meth:`EvaluationResult.save` writes, in the order they are renamed into place
+#: (``results.json`` last: it is what readers open first).
+RESULT_FILES = ("completions.jsonl", "results.md", "results.json")
 
 
 def is_repetitive(text: str, n: int = 4, threshold: float = 0.5) -> bool:
@@ -256,12 +55,6 @@ def is_repetitive(text: str, n: int = 4, threshold: float = 0.5) -> bool:
     return 1 - len(set(grams)) / len(grams) > threshold
 
 
-def _rate(k: int, n: int) -> dict[str, Any]:
-    lo, hi = wilson_interval(k, n)
-    return {"k": k, "n": n, "rate": round(k / n, ROUND) if n else None,
-            "ci95": [round(lo, ROUND), round(hi, ROUND)]}
-
-
 def summarize(
     labels: Sequence[str], categories: Sequence[str | None], completions: Sequence[Completion]
 ) -> dict[str, Any]:
@@ -269,16 +62,16 @@ def summarize(
     n = len(labels)
     out = {
         "n": n,
-        "refusal": _rate(sum(lab == "refusal" for lab in labels), n),
-        "partial": _rate(sum(lab == "partial" for lab in labels), n),
-        "empty": _rate(sum(not c.completion.strip() for c in completions), n),
-        "repetitive": _rate(sum(is_repetitive(c.completion) for c in completions), n),
+        "refusal": rate(sum(lab == "refusal" for lab in labels), n, digits=ROUND),
+        "partial": rate(sum(lab == "partial" for lab in labels), n, digits=ROUND),
+        "empty": rate(sum(not c.completion.strip() for c in completions), n, digits=ROUND),
+        "repetitive": rate(sum(is_repetitive(c.completion) for c in completions), n, digits=ROUND),
         "mean_completion_tokens": round(sum(c.completion_tokens for c in completions) / max(n, 1), 3),
     }
     by_cat: dict[str, list[str]] = {}
     for lab, cat in zip(labels, categories):
         by_cat.setdefault(cat or "uncategorized", []).append(lab)
-    out["by_category"] = {c: _rate(sum(x == "refusal" for x in labs), len(labs))
+    out["by_category"] = {c: rate(sum(x == "refusal" for x in labs), len(labs), digits=ROUND)
                           for c, labs in sorted(by_cat.items())}
     return out
 
@@ -330,24 +123,61 @@ class EvaluationResult:
         return "\n".join(lines) + "\n"
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
-        """Write ``results.json``, ``completions.jsonl`` and ``results.md`` (atomically)."""
-        from refusaldir.directions import _ensure_writable, _tmp_in
+        """Write ``results.json``, ``completions.jsonl`` and ``results.md`` into ``folder``.
 
+        The three files are written as one unit: all of them go to a hidden staging folder
+        first and are renamed into place only once every one is complete (under the folder's
+        write lock), so a failure never leaves new results beside old completions. Other
+        files in ``folder`` are left alone. JSON is strict (NaN becomes ``null``).
+        """
         out = Path(folder)
-        _ensure_writable(out)
-        files = {
-            "results.json": json.dumps(self.results, indent=2, sort_keys=True) + "\n",
-            "completions.jsonl": "".join(json.dumps(c, sort_keys=True) + "\n" for c in self.completions),
+        texts = {
+            "results.json": dumps(self.results, indent=2, sort_keys=True) + "\n",
+            "completions.jsonl": "".join(dumps(c, indent=None, sort_keys=True) + "\n"
+                                         for c in self.completions),
             "results.md": self.markdown(),
         }
-        for name, text in files.items():
-            tmp = _tmp_in(out, name)
-            tmp.write_text(text)
-            os.replace(tmp, out / name)
+        with folder_lock(out):
+            stage = make_tmp_dir(out, "evaluation")
+            try:
+                for name, text in texts.items():
+                    atomic_write_text(stage / name, text)
+                for name in RESULT_FILES:
+                    os.replace(stage / name, out / name)
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
         return out
 
+    @classmethod
+    def load(cls, folder: str | os.PathLike[str]) -> EvaluationResult:
+        """Read back what :meth:`save` wrote (``results.json`` and ``completions.jsonl``).
 
-def _r(x: float) -> float:
+        Example:
+            >>> res = EvaluationResult.load("runs/demo/eval")  # doctest: +SKIP
+            >>> res.summary["baseline"]["harmful"]["refusal_rate"]  # doctest: +SKIP
+            0.95
+        """
+        src = Path(folder)
+        rpath, cpath = src / "results.json", src / "completions.jsonl"
+        if not rpath.is_file() or not cpath.is_file():
+            raise ArtifactError(
+                f"{src} does not contain results.json and completions.jsonl; run "
+                "`refusaldir evaluate --out` (or EvaluationResult.save) there first"
+            )
+        try:
+            results = json.loads(rpath.read_text(encoding="utf-8"))
+            rows = [json.loads(line) for line in cpath.read_text(encoding="utf-8").splitlines()
+                    if line.strip()]
+        except (ValueError, OSError) as exc:
+            raise ArtifactError(f"{src} holds an unreadable evaluation ({exc}); run the evaluation again") from exc
+        if not isinstance(results, dict) or "conditions" not in results or "datasets" not in results:
+            raise ArtifactError(
+                f"{rpath} is not an evaluation result (no 'conditions'/'datasets'); run the evaluation again"
+            )
+        return cls(results, rows)
+
+
+def _r(x: float | Tensor) -> float:
     return round(float(x), ROUND)
 
 
@@ -374,10 +204,6 @@ def evaluate(
     borderline-safe set (``borderline`` → over-refusal). ``judge`` is ``"phrase"``,
     ``"logit"`` (first-token refusal log-odds), ``"model:PATH"`` or a :class:`Judge`.
     """
-    from refusaldir.generation import generate
-    from refusaldir.judges.phrase import make_judge
-    from refusaldir.data.prompts import PromptSet, load_prompts
-
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if datasets is None:

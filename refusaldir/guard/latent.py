@@ -13,9 +13,6 @@ over the chosen layers. The threshold is calibrated so that at most ``target_fpr
 harmless validation prompts are flagged. Guards save to ``guard.safetensors`` +
 ``guard.json`` (no pickle) and refuse to score with a model whose weights differ.
 
-:func:`guard_vs_behaviour` puts the guard's AUROC next to the model's *behavioural* refusal
-used as a classifier (refused → predicted harmful) on the same prompts.
-
 Example:
     >>> import refusaldir as rd  # doctest: +SKIP
     >>> model, ds = rd.load_model("demo"), rd.DirectionSet.load("runs/demo")  # doctest: +SKIP
@@ -28,13 +25,13 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float
@@ -42,16 +39,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from refusaldir.errors import ArtifactError, ConfigError, PromptFileError
-from refusaldir.stats import auroc
+from refusaldir.capture import iter_activations
+from refusaldir.data import as_prompt_list, load_prompts
+from refusaldir.directions import DirectionSet
+from refusaldir.errors import ArtifactError, ConfigError
+from refusaldir.hooks import Appliable, applied_all
+from refusaldir.io import atomic_write, atomic_write_json, folder_lock, make_tmp_dir, sha256_file
+from refusaldir.models import ChatModel
+from refusaldir.stats import auroc, pooled_std, roc_curve, separation_table, threshold_for_fpr
 
-if TYPE_CHECKING:
-    from refusaldir.directions import DirectionSet
-    from refusaldir.models import ChatModel
-
-__all__ = [
-    "GUARD_METHODS", "LatentGuard", "behavioural_scores", "guard_vs_behaviour", "roc_curve",
-]
+__all__ = ["GUARD_METHODS", "META_FILE", "TENSORS_FILE", "LatentGuard"]
 
 GUARD_METHODS = ("projection", "centroid")
 TENSORS_FILE = "guard.safetensors"
@@ -59,58 +56,6 @@ META_FILE = "guard.json"
 FORMAT_VERSION = 1
 
 
-# ------------------------------------------------------------------------------ helpers
-def roc_curve(
-    positive: Sequence[float] | Tensor, negative: Sequence[float] | Tensor
-) -> dict[str, list[float]]:
-    """ROC points (``fpr``, ``tpr``, ``threshold``) for "score > threshold ⇒ positive".
-
-    Example:
-        >>> roc_curve([0.9, 0.4], [0.1, 0.5])["tpr"]
-        [0.0, 0.5, 0.5, 1.0, 1.0]
-    """
-    pos = torch.as_tensor(positive, dtype=torch.float64).flatten()
-    neg = torch.as_tensor(negative, dtype=torch.float64).flatten()
-    if pos.numel() == 0 or neg.numel() == 0:
-        raise ConfigError("roc_curve needs at least one positive and one negative score")
-    thresholds = torch.cat([pos, neg]).unique().sort(descending=True).values
-    fpr, tpr, thr = [0.0], [0.0], [math.inf]
-    for t in thresholds.tolist():
-        tpr.append(float((pos >= t).double().mean()))
-        fpr.append(float((neg >= t).double().mean()))
-        thr.append(t)
-    return {"fpr": fpr, "tpr": tpr, "threshold": [t if math.isfinite(t) else None for t in thr]}
-
-
-def _prompts(prompts: Sequence[str] | str, what: str) -> list[str]:
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    texts = [str(p) for p in prompts]
-    if not texts or not any(t.strip() for t in texts):
-        raise PromptFileError(
-            f"{what} got no prompts; pass at least one non-empty prompt (or a --prompts file)"
-        )
-    empty = [i for i, t in enumerate(texts) if not t.strip()]
-    if empty:
-        raise PromptFileError(f"{what}: prompt #{empty[0]} is empty; remove empty prompts")
-    return texts
-
-
-def _calibrate(neg: Tensor, target_fpr: float) -> float:
-    """Threshold so that at most ``target_fpr`` of ``neg`` lie strictly above it."""
-    s = neg.double().sort(descending=True).values
-    k = math.floor(target_fpr * len(s) + 1e-9)
-    if k >= len(s):
-        return float(s[-1]) - 1e-6
-    return float(s[k])
-
-
-def _pooled(a: Tensor, b: Tensor) -> Tensor:
-    var = (a.var(dim=0, unbiased=False) + b.var(dim=0, unbiased=False)) / 2
-    return var.sqrt().clamp_min(1e-8)
-
-
-# ------------------------------------------------------------------------------ the guard
 @dataclass
 class LatentGuard:
     """A harmful-prompt classifier on the residual stream at ``t_inst``.
@@ -150,12 +95,11 @@ class LatentGuard:
             if getattr(self, name).shape != (n,):
                 raise ArtifactError(f"guard tensor {name} must have one value per layer ({n})")
 
-    # ------------------------------------------------------------------ properties
     @property
     def d_model(self) -> int:
+        """Residual width of the model the guard reads."""
         return int(self.directions.shape[-1])
 
-    # ------------------------------------------------------------------ fitting
     @classmethod
     def fit(
         cls,
@@ -178,8 +122,6 @@ class LatentGuard:
         validation sets (AUROC, ties broken by the standardised mean difference); layer 0
         (the token embeddings) is never chosen automatically.
         """
-        from refusaldir.data.prompts import load_prompts
-
         if method not in GUARD_METHODS:
             raise ConfigError(f"method={method!r} is not one of {', '.join(GUARD_METHODS)}")
         if not 0 <= target_fpr < 1:
@@ -202,27 +144,24 @@ class LatentGuard:
                 f"the directions' t_inst ({ds.t_inst}) differs from this model's chat template "
                 f"({model.template.t_inst}); extract directions with the same template"
             )
-        harmful = _prompts(harmful_val if harmful_val is not None else load_prompts("harmful", "val"),
-                           "LatentGuard.fit (harmful_val)")
-        harmless = _prompts(harmless_val if harmless_val is not None else load_prompts("harmless", "val"),
-                            "LatentGuard.fit (harmless_val)")
+        harmful = as_prompt_list(harmful_val if harmful_val is not None else load_prompts("harmful", "val"),
+                                 "LatentGuard.fit (harmful_val)")
+        harmless = as_prompt_list(harmless_val if harmless_val is not None else load_prompts("harmless", "val"),
+                                  "LatentGuard.fit (harmless_val)")
         if layers is not None:
             cand = [int(x) for x in layers]
             if not cand:
                 raise ConfigError("layers is empty; pass None to choose layers on the val prompts")
             for layer in cand:
-                ds._index(ds.positions[-1], layer)
+                ds.harmfulness_direction(layer)  # raises unless the set has this layer
         else:
             cand = [layer for layer in ds.layers if layer > 0] or list(ds.layers)
         idx = [ds.layers.index(layer) for layer in cand]
         harm = ds.harmfulness[idx].float()
         units = harm / harm.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        if {"harmful", "harmless"} <= set(ds.means):
-            c_h = ds.means["harmful"][0, idx].float()
-            c_l = ds.means["harmless"][0, idx].float()
-        else:
-            c_h = torch.zeros_like(units)
-            c_l = torch.zeros_like(units)
+        has_means = {"harmful", "harmless"} <= set(ds.means)
+        c_h = ds.means["harmful"][0, idx].float() if has_means else torch.zeros_like(units)
+        c_l = ds.means["harmless"][0, idx].float() if has_means else torch.zeros_like(units)
         probe = cls(method, cand, int(ds.t_inst), units, c_h, c_l, torch.zeros(len(cand)),
                     torch.ones(len(cand)), 0.0, target_fpr, ds.hook_point)
         raw_h = probe.raw_scores(model, harmful, batch_size=batch_size, progress=progress,
@@ -230,12 +169,8 @@ class LatentGuard:
         raw_l = probe.raw_scores(model, harmless, batch_size=batch_size, progress=progress,
                                  description="guard: harmless val")
         loc = (raw_h.mean(0) + raw_l.mean(0)) / 2
-        scale = _pooled(raw_h, raw_l)
-        per_layer = []
-        for j, layer in enumerate(cand):
-            a, b = raw_h[:, j], raw_l[:, j]
-            per_layer.append({"layer": layer, "auroc": auroc(a, b),
-                              "separation": float((a.mean() - b.mean()) / scale[j])})
+        scale = pooled_std(raw_h, raw_l)
+        per_layer = separation_table(raw_h, raw_l, cand)
         if layers is None:
             ranked = sorted(range(len(cand)), key=lambda j: (-round(per_layer[j]["auroc"], 9),
                                                              -per_layer[j]["separation"]))
@@ -252,7 +187,7 @@ class LatentGuard:
         )
         s_h = guard.combine(raw_h[:, sel])
         s_l = guard.combine(raw_l[:, sel])
-        guard.threshold = _calibrate(s_l, target_fpr)
+        guard.threshold = threshold_for_fpr(s_l, target_fpr)
         guard.model_info = {
             "spec": model.spec, "weights_hash": model.weights_hash, "d_model": model.d_model,
             "n_layers": model.n_layers, "template_hash": model.template.hash,
@@ -269,7 +204,6 @@ class LatentGuard:
         }
         return guard
 
-    # ------------------------------------------------------------------ scoring
     def check_model(self, model: ChatModel) -> None:
         """Raise :class:`ArtifactError` unless ``model`` is the model this guard was fit on."""
         if model.d_model != self.d_model:
@@ -294,25 +228,36 @@ class LatentGuard:
                 f"{model.template.t_inst}; use the template the guard was fit with"
             )
 
-    def raw_activation_scores(
-        self, acts: Float[Tensor, "batch layer d_model"]
-    ) -> Float[Tensor, "batch layer"]:
-        """Per-layer raw scores (before standardisation) of activations at ``t_inst``."""
+    def _reference(self, device: torch.device | str) -> tuple[Tensor, Tensor, Tensor]:
+        """Directions and class means in float64 on ``device`` (moved once per call)."""
+        units, c_h, c_l = (t.to(device=device, dtype=torch.float64)
+                           for t in (self.directions, self.centroid_harmful, self.centroid_harmless))
+        return units, c_h, c_l
+
+    def _raw(self, acts: Tensor, ref: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        """Raw scores of ``acts`` against ``ref`` (from :meth:`_reference`)."""
         if acts.ndim != 3 or acts.shape[1:] != (len(self.layers), self.d_model):
             raise ConfigError(
                 f"activations have shape {tuple(acts.shape)}; expected (batch, {len(self.layers)}, "
                 f"{self.d_model}) at the guard's layers {self.layers}"
             )
         x = acts.to(torch.float64)
+        units, c_h, c_l = (t.to(x.device) for t in ref)  # no-ops when already there
         if self.method == "projection":
-            return torch.einsum("bld,ld->bl", x, self.directions.to(torch.float64))
+            return torch.einsum("bld,ld->bl", x, units)
         cos = torch.nn.functional.cosine_similarity
-        return (cos(x, self.centroid_harmful.to(torch.float64)[None], dim=-1)
-                - cos(x, self.centroid_harmless.to(torch.float64)[None], dim=-1))
+        return cos(x, c_h[None], dim=-1) - cos(x, c_l[None], dim=-1)
+
+    def raw_activation_scores(
+        self, acts: Float[Tensor, "batch layer d_model"]
+    ) -> Float[Tensor, "batch layer"]:
+        """Per-layer raw scores (before standardisation) of activations at ``t_inst``, in
+        float64 on the activations' device."""
+        return self._raw(acts, self._reference(acts.device))
 
     def combine(self, raw: Float[Tensor, "batch layer"]) -> Float[Tensor, " batch"]:
-        """Standardise per layer and average over layers."""
-        return ((raw - self.loc.to(raw.dtype)) / self.scale.to(raw.dtype)).mean(dim=-1)
+        """Standardise per layer and average over layers (on ``raw``'s device and dtype)."""
+        return ((raw - self.loc.to(raw)) / self.scale.to(raw)).mean(dim=-1)
 
     def score_activations(self, acts: Float[Tensor, "batch layer d_model"]) -> Float[Tensor, " batch"]:
         """Guard scores from activations already captured at ``t_inst`` and ``self.layers``."""
@@ -323,23 +268,22 @@ class LatentGuard:
         model: ChatModel,
         prompts: Sequence[str] | str,
         *,
-        interventions: Sequence[Any] = (),
+        interventions: Sequence[Appliable] = (),
         batch_size: int = 16,
         progress: bool = False,
         description: str = "guard",
     ) -> Float[Tensor, "batch layer"]:
-        """Per-layer raw scores of ``prompts`` (optionally under ``interventions``)."""
-        from refusaldir.capture import iter_activations
-        from refusaldir.steer.interventions import applied_all
-
-        texts = _prompts(prompts, "LatentGuard")
+        """Per-layer raw scores of ``prompts`` (optionally under ``interventions``), float64 on
+        the CPU; computed on the model's device."""
+        texts = as_prompt_list(prompts, "LatentGuard")
         out = torch.empty(len(texts), len(self.layers), dtype=torch.float64)
+        ref = self._reference(model.device)  # once, not per batch
         with applied_all(model, interventions):
             for start, acts in iter_activations(
                 model, texts, layers=self.layers, positions=[self.t_inst], hook_point=self.hook_point,
                 batch_size=batch_size, progress=progress, description=description,
             ):
-                out[start : start + acts.shape[0]] = self.raw_activation_scores(acts[:, 0].cpu())
+                out[start : start + acts.shape[0]] = self._raw(acts[:, 0], ref).cpu()
         return out
 
     def score(
@@ -347,7 +291,7 @@ class LatentGuard:
         model: ChatModel,
         prompts: Sequence[str] | str,
         *,
-        interventions: Sequence[Any] = (),
+        interventions: Sequence[Appliable] = (),
         batch_size: int = 16,
         progress: bool = False,
     ) -> Float[Tensor, " batch"]:
@@ -356,14 +300,8 @@ class LatentGuard:
         return self.combine(self.raw_scores(model, prompts, interventions=interventions,
                                             batch_size=batch_size, progress=progress))
 
-    def predict(
-        self,
-        model: ChatModel,
-        prompts: Sequence[str] | str,
-        *,
-        batch_size: int = 16,
-        progress: bool = False,
-    ) -> Bool[Tensor, " batch"]:
+    def predict(self, model: ChatModel, prompts: Sequence[str] | str, *, batch_size: int = 16,
+                progress: bool = False) -> Bool[Tensor, " batch"]:
         """``True`` where the prompt is flagged harmful (score above the calibrated threshold)."""
         return self.score(model, prompts, batch_size=batch_size, progress=progress) > self.threshold
 
@@ -391,7 +329,6 @@ class LatentGuard:
             "roc": roc_curve(pos, neg),
         }
 
-    # ------------------------------------------------------------------ I/O
     def to_dict(self) -> dict[str, Any]:
         """Everything but the tensors (what ``guard.json`` holds)."""
         return {
@@ -402,35 +339,31 @@ class LatentGuard:
         }
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
-        """Write ``guard.safetensors`` + ``guard.json`` atomically into ``folder``."""
-        from refusaldir.directions import _ensure_writable, _sha256, _tmp_in
+        """Write ``guard.safetensors`` + ``guard.json`` into ``folder`` as one unit.
 
+        Both files are staged in a hidden folder and renamed into place under the folder's
+        write lock once both are complete; ``guard.json`` is strict JSON and records the
+        tensor file's sha256. Other files in ``folder`` are left alone.
+        """
         out = Path(folder)
-        _ensure_writable(out)
-        tensors = {
-            "directions": self.directions.float().contiguous(),
-            "centroid_harmful": self.centroid_harmful.float().contiguous(),
-            "centroid_harmless": self.centroid_harmless.float().contiguous(),
-            "loc": self.loc.float().contiguous(), "scale": self.scale.float().contiguous(),
-        }
-        tmp_t = _tmp_in(out, TENSORS_FILE)
-        tmp_m = _tmp_in(out, META_FILE)
-        try:
-            save_file(tensors, str(tmp_t), metadata={"format": "refusaldir-guard"})
-            meta = {**self.to_dict(), "tensors_sha256": _sha256(tmp_t)}
-            tmp_m.write_text(json.dumps(meta, indent=2, default=_json_default))
-            os.replace(tmp_t, out / TENSORS_FILE)
-            os.replace(tmp_m, out / META_FILE)
-        finally:
-            tmp_t.unlink(missing_ok=True)
-            tmp_m.unlink(missing_ok=True)
+        tensors = {name: getattr(self, name).detach().float().cpu().contiguous() for name in
+                   ("directions", "centroid_harmful", "centroid_harmless", "loc", "scale")}
+        with folder_lock(out):
+            stage = make_tmp_dir(out, "guard")
+            try:
+                atomic_write(stage / TENSORS_FILE, lambda tmp: save_file(
+                    tensors, str(tmp), metadata={"format": "refusaldir-guard"}))
+                atomic_write_json(stage / META_FILE, {**self.to_dict(),
+                                                      "tensors_sha256": sha256_file(stage / TENSORS_FILE)})
+                os.replace(stage / TENSORS_FILE, out / TENSORS_FILE)
+                os.replace(stage / META_FILE, out / META_FILE)
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
         return out
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str]) -> LatentGuard:
         """Load a saved guard (no pickle); checks the tensor file against its recorded hash."""
-        from refusaldir.directions import _sha256
-
         src = Path(folder)
         tpath, mpath = src / TENSORS_FILE, src / META_FILE
         if not tpath.is_file() or not mpath.is_file():
@@ -439,10 +372,10 @@ class LatentGuard:
                 "LatentGuard.save or `refusaldir guard --save`"
             )
         try:
-            meta = json.loads(mpath.read_text())
+            meta = json.loads(mpath.read_text(encoding="utf-8"))
         except ValueError as exc:
             raise ArtifactError(f"{mpath} is not valid JSON ({exc}); save the guard again") from exc
-        if meta.get("tensors_sha256") and _sha256(tpath) != meta["tensors_sha256"]:
+        if meta.get("tensors_sha256") and sha256_file(tpath) != meta["tensors_sha256"]:
             raise ArtifactError(f"{tpath} does not match the sha256 in {META_FILE}; save the guard again")
         try:
             t = load_file(str(tpath))
@@ -459,125 +392,3 @@ class LatentGuard:
             raise ArtifactError(f"{src} holds an unreadable guard ({exc}); save the guard again") from exc
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if isinstance(o, Tensor):
-        return o.tolist()
-    raise TypeError(f"cannot serialise {type(o).__name__}")
-
-
-# --------------------------------------------------------------- behavioural refusal
-def behavioural_scores(
-    model: ChatModel,
-    prompts: Sequence[str],
-    *,
-    kind: str = "logit",
-    refusal_ids: Sequence[int] | None = None,
-    responses: Sequence[str] | None = None,
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
-    progress: bool = False,
-) -> Float[Tensor, " batch"]:
-    """How strongly the model itself refuses each prompt (higher = more refusal).
-
-    ``kind="logit"``: first-token refusal log-odds with the model's refusal tokens
-    (``refusal_ids``, detected with :func:`refusaldir.refusal_metric.find_refusal_tokens` when
-    not given). ``kind="phrase"``: the :class:`~refusaldir.judges.PhraseJudge` score of
-    ``responses`` (greedy generations of ``max_new_tokens`` tokens when not given).
-    """
-    texts = _prompts(prompts, "behavioural_scores")
-    if kind == "logit":
-        from refusaldir.evaluate.harness import first_token_logprobs
-        from refusaldir.judges.logit import refusal_score
-
-        if refusal_ids is None:
-            from refusaldir.data.prompts import load_prompts
-            from refusaldir.judges.logit import find_refusal_tokens
-
-            refusal_ids = find_refusal_tokens(model, load_prompts("harmful", "val"),
-                                              batch_size=batch_size, progress=progress).ids
-        logp = first_token_logprobs(model, texts, batch_size=batch_size)
-        return refusal_score(logp, list(refusal_ids))
-    if kind == "phrase":
-        from refusaldir.judges.phrase import PhraseJudge
-
-        if responses is None:
-            from refusaldir.generation import generate
-
-            responses = [c.completion for c in generate(model, texts, max_new_tokens=max_new_tokens,
-                                                        batch_size=batch_size, progress=progress)]
-        if len(responses) != len(texts):
-            raise ConfigError(f"got {len(texts)} prompts but {len(responses)} responses")
-        judged = PhraseJudge().judge_many(texts, list(responses))
-        return torch.tensor([j.score for j in judged], dtype=torch.float64)
-    raise ConfigError(f"kind={kind!r} must be 'logit' or 'phrase'")
-
-
-def guard_vs_behaviour(
-    model: ChatModel,
-    guard: LatentGuard,
-    harmful: Sequence[str],
-    safe: Sequence[str],
-    *,
-    refusal_ids: Sequence[int] | None = None,
-    responses: dict[str, Sequence[str]] | None = None,
-    kinds: Sequence[str] = ("logit", "phrase"),
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Guard AUROC next to behavioural-refusal AUROC on ``harmful`` vs ``safe`` prompts.
-
-    The model's own refusal is read as a classifier (refused ⇒ predicted harmful):
-    ``"logit"`` scores by the first-token refusal log-odds, ``"phrase"`` by the phrase
-    judge's score of greedy completions (pass ``responses={"harmful": [...], "safe": [...]}``
-    to reuse completions you already have). Refusal rates are the behavioural operating point
-    (phrase judge labels).
-
-    Example:
-        >>> cmp = guard_vs_behaviour(model, guard, load_prompts("harmful", "test"),  # doctest: +SKIP
-        ...                          load_prompts("borderline"))
-        >>> cmp["guard"]["auroc"], cmp["behaviour"]["logit"]["auroc"]  # doctest: +SKIP
-        (0.97, 0.88)
-    """
-    harm = _prompts(harmful, "guard_vs_behaviour (harmful)")
-    ok = _prompts(safe, "guard_vs_behaviour (safe)")
-    out: dict[str, Any] = {"n_harmful": len(harm), "n_safe": len(ok)}
-    g_pos = guard.score(model, harm, batch_size=batch_size, progress=progress)
-    g_neg = guard.score(model, ok, batch_size=batch_size, progress=progress)
-    out["guard"] = guard.metrics(g_pos, g_neg)
-    out["behaviour"] = {}
-    for kind in kinds:
-        if kind == "logit":
-            a = behavioural_scores(model, harm, kind="logit", refusal_ids=refusal_ids,
-                                   batch_size=batch_size, progress=progress)
-            b = behavioural_scores(model, ok, kind="logit", refusal_ids=refusal_ids,
-                                   batch_size=batch_size, progress=progress)
-            out["behaviour"]["logit"] = {"auroc": auroc(a, b), "roc": roc_curve(a, b),
-                                         "score": "first-token refusal log-odds"}
-        elif kind == "phrase":
-            from refusaldir.judges.phrase import PhraseJudge
-
-            resp = responses or {}
-            comps = {}
-            for name, texts in (("harmful", harm), ("safe", ok)):
-                r = resp.get(name)
-                if r is None:
-                    from refusaldir.generation import generate
-
-                    r = [c.completion for c in generate(model, texts, max_new_tokens=max_new_tokens,
-                                                        batch_size=batch_size, progress=progress)]
-                comps[name] = list(r)
-            judge = PhraseJudge()
-            ja = judge.judge_many(harm, comps["harmful"])
-            jb = judge.judge_many(ok, comps["safe"])
-            a = torch.tensor([j.score for j in ja], dtype=torch.float64)
-            b = torch.tensor([j.score for j in jb], dtype=torch.float64)
-            tpr = sum(j.label == "refusal" for j in ja) / len(ja)
-            fpr = sum(j.label == "refusal" for j in jb) / len(jb)
-            out["behaviour"]["phrase"] = {"auroc": auroc(a, b), "roc": roc_curve(a, b), "tpr": tpr,
-                                          "fpr": fpr, "score": "phrase-judge refusal score"}
-        else:
-            raise ConfigError(f"behaviour kind {kind!r} must be 'logit' or 'phrase'")
-    return out

@@ -1,14 +1,32 @@
 """Loading chat models offline (embedded PyPI models, GGUF files, folders, hub ids, loaded
-HF models) and the ``ChatModel`` wrapper with its chat template.
+HF models, models split across devices) and the ``ChatModel`` wrapper with its chat template.
 
 Example:
     >>> from refusaldir.models import load_model  # doctest: +SKIP
     >>> model = load_model("smollm2")  # doctest: +SKIP
 """
 
-from refusaldir.models.chat_model import ChatModel, cache_dir
-from refusaldir.models.load import EMBEDDED, demo_gguf_parts, load_model, state_dict_hash
+from refusaldir.models.chat_model import ChatModel, cache_dir, input_device, stop_token_ids
+from refusaldir.models.embedded import EMBEDDED, EmbeddedModel, demo_gguf_parts
+from refusaldir.models.identity import (
+    cached_sha256,
+    folder_hash,
+    state_dict_hash,
+    weights_fingerprint,
+)
+from refusaldir.models.load import (
+    DTYPES,
+    default_device,
+    load_model,
+    private_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
 from refusaldir.models.templates import ChatTemplate
 
-__all__ = ["EMBEDDED", "ChatModel", "ChatTemplate", "cache_dir", "demo_gguf_parts", "load_model",
-           "state_dict_hash"]
+__all__ = [
+    "DTYPES", "EMBEDDED", "ChatModel", "ChatTemplate", "EmbeddedModel", "cache_dir",
+    "cached_sha256", "default_device", "demo_gguf_parts", "folder_hash", "input_device",
+    "load_model", "private_tokenizer", "resolve_device", "resolve_dtype", "state_dict_hash",
+    "stop_token_ids", "weights_fingerprint",
+]

@@ -17,18 +17,32 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from refusaldir.errors import ConfigError
 from refusaldir.models.templates import ChatTemplate
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-__all__ = ["ChatModel", "cache_dir"]
+__all__ = ["ChatModel", "cache_dir", "input_device", "stop_token_ids"]
 
 
 def cache_dir() -> Path:
     """Folder for dequantized model caches (``$REFUSALDIR_CACHE`` or ``~/.cache/refusaldir``)."""
     env = os.environ.get("REFUSALDIR_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "refusaldir"
+
+
+def input_device(hf: Any) -> torch.device:
+    """Where a model's inputs go: its embedding's device, or for an embedding offloaded by
+    accelerate (``meta``), the first accelerator in ``hf_device_map`` (else the CPU)."""
+    emb = hf.get_input_embeddings().weight
+    if emb.device.type != "meta":
+        return torch.device(emb.device)
+    mapped = [d for d in getattr(hf, "hf_device_map", {}).values() if d not in ("cpu", "disk")]
+    if not mapped:
+        return torch.device("cpu")
+    first = mapped[0]
+    return torch.device(f"cuda:{first}" if isinstance(first, int) else str(first))
 
 
 @dataclass
@@ -65,7 +79,8 @@ class ChatModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf.parameters()).device
+        """Where inputs go (the embedding's device; its execution device when offloaded)."""
+        return input_device(self.hf)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -93,3 +108,33 @@ class ChatModel:
             "weights_hash": self.weights_hash,
             "revision": self.revision,
         }
+
+
+def stop_token_ids(model: ChatModel) -> list[int]:
+    """Every token id that ends a turn: generation-config EOS id(s), the tokenizer's EOS and
+    the chat template's end-of-turn token when it is a special token."""
+    ids: list[int] = []
+
+    def extend(x: Any) -> None:
+        if x is None:
+            return
+        for i in x if isinstance(x, (list, tuple, set)) else [x]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+
+    extend(getattr(model.hf.generation_config, "eos_token_id", None))
+    extend(getattr(model.hf.config, "eos_token_id", None))
+    tok = model.tokenizer
+    extend(tok.eos_token_id)
+    try:
+        end_of_turn = model.template.post_instruction_ids[0]
+    except Exception:  # noqa: BLE001 - a template without post-instruction tokens has no turn end
+        end_of_turn = None
+    if end_of_turn is not None and int(end_of_turn) in set(getattr(tok, "all_special_ids", [])):
+        extend(end_of_turn)
+    if not ids:
+        raise ConfigError(
+            f"{model.spec} defines no EOS token; set tokenizer.eos_token or "
+            "model.hf.generation_config.eos_token_id"
+        )
+    return ids

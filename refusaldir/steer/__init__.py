@@ -1,5 +1,49 @@
 """Interventions: directional ablation, activation addition, conditional steering, weight
-orthogonalization and its export as a normal model folder."""
+orthogonalization and its export as a normal model folder.
 
-from refusaldir.steer.interventions import *  # noqa: F401,F403 (split in progress)
-from refusaldir.steer.orthogonalize import orthogonalize, plain_copy, save_orthogonalized  # noqa: F401
+- :mod:`~refusaldir.steer.ops`: the ablation/addition math (one implementation each);
+- :mod:`~refusaldir.steer.interventions`: :class:`Ablation`, :class:`Addition`, ``ablate``/``add``;
+- :mod:`~refusaldir.steer.conditional`: :class:`ConditionalSteering`, ``steer_if``,
+  :func:`intervention_from_dict`;
+- :mod:`~refusaldir.steer.layers`: :func:`layer_scores`, :func:`default_layer`;
+- :mod:`~refusaldir.steer.orthogonalize` / :mod:`~refusaldir.steer.export`: weights with the
+  direction projected out, and :func:`save_orthogonalized`;
+- :mod:`~refusaldir.steer.directions_io`: direction checks, hashes and records.
+
+Calibrations that need generation and judges are in :mod:`refusaldir.evaluate`.
+
+Example:
+    >>> from refusaldir.steer import ablate  # doctest: +SKIP
+    >>> with ablate(model, ds.refusal_direction(12, -1)):  # doctest: +SKIP
+    ...     logits = model.hf(**batch).logits
+"""
+
+from refusaldir.steer.conditional import (
+    ConditionalSteering,
+    Intervention,
+    intervention_from_dict,
+    steer_if,
+)
+from refusaldir.steer.directions_io import (
+    as_direction,
+    check_coeff,
+    check_direction,
+    direction_from_dict,
+    direction_to_dict,
+    norm_layers,
+    vector_sha256,
+)
+from refusaldir.steer.export import PROVENANCE_FILE, save_orthogonalized
+from refusaldir.steer.interventions import ABLATION_POINTS, Ablation, Addition, Applied, ablate, add
+from refusaldir.steer.layers import default_layer, layer_scores
+from refusaldir.steer.ops import add_vector, project_out, project_out_rows, unit_vector
+from refusaldir.steer.orthogonalize import edited_parameters, orthogonalize, plain_copy
+
+__all__ = [
+    "ABLATION_POINTS", "PROVENANCE_FILE", "Ablation", "Addition", "Applied",
+    "ConditionalSteering", "Intervention", "ablate", "add", "add_vector", "as_direction",
+    "check_coeff", "check_direction", "default_layer", "direction_from_dict",
+    "direction_to_dict", "edited_parameters", "intervention_from_dict", "layer_scores", "norm_layers",
+    "orthogonalize", "plain_copy", "project_out", "project_out_rows", "save_orthogonalized",
+    "steer_if", "unit_vector", "vector_sha256",
+]

@@ -8,28 +8,21 @@ finishes in about a quarter of an hour on 2 CPU cores; prompts and batch size ar
 defaults (32 + 32, 16).
 
 Usage:
-    python bench/select.py                       # demo model, runs/demo
-    python bench/select.py --layers 8-17 --positions=-2,-1 --out bench/select.json
+    python bench/selection.py                       # demo model, runs/demo
+    python bench/selection.py --layers 8-17 --positions=-2,-1 --out bench/select.json
 
 Prints a Markdown table (mode, seconds, speed-up, pick).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
-
-# This folder holds a file named select.py, which would shadow the standard library's
-# `select` module (imported by subprocess) when a script here runs: drop the folder
-# from the import path before anything else is imported.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
+import time
+import warnings
+from pathlib import Path
 
 
 def main() -> int:
@@ -55,8 +48,8 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     import refusaldir as rd
-    from refusaldir.judges.logit import find_refusal_tokens
-    from refusaldir.select.search import select_direction
+    from refusaldir.judges import find_refusal_tokens
+    from refusaldir.select import select_direction
 
     lo, _, hi = args.layers.partition("-")
     layers = list(range(int(lo), int(hi) + 1)) if hi else [int(x) for x in args.layers.split(",")]

