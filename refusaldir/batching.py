@@ -20,7 +20,7 @@ from refusaldir.errors import ConfigError, ResourceError
 if TYPE_CHECKING:
     from refusaldir.models import ChatModel
 
-__all__ = ["AUTO", "BatchSizer", "BatchSize", "auto_start", "check_batch_size"]
+__all__ = ["AUTO", "BatchSize", "BatchSizer", "auto_start", "check_batch_size", "resolve_batch_size"]
 
 AUTO = "auto"
 BatchSize = int | str
@@ -44,6 +44,20 @@ def check_batch_size(batch_size: Any, name: str = "batch_size") -> BatchSize:
 def auto_start(device: torch.device, kind: str = "forward") -> int:
     """The first batch size ``"auto"`` tries on ``device``."""
     return GPU_START.get(kind, 64) if device.type == "cuda" else CPU_BATCH
+
+
+def resolve_batch_size(batch_size: BatchSize, model: ChatModel | None = None, kind: str = "forward") -> int:
+    """A concrete batch size: ``"auto"`` becomes the device's starting size (see
+    :data:`GPU_START`; 16 on the CPU), an int is checked and returned.
+
+    Example:
+        >>> resolve_batch_size("auto"), resolve_batch_size(8)
+        (16, 8)
+    """
+    batch_size = check_batch_size(batch_size)
+    if isinstance(batch_size, int):
+        return batch_size
+    return auto_start(model.device if model is not None else torch.device("cpu"), kind)
 
 
 def _is_oom(exc: BaseException) -> bool:

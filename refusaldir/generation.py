@@ -117,7 +117,7 @@ def generate(
     stops = stop_token_ids(model)
     stop_set = set(stops)
     tok = model.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
+    pad = model.template.pad_id
     gen_kw: dict[str, Any] = dict(
         max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample), eos_token_id=stops,
         pad_token_id=pad, use_cache=True,

@@ -20,6 +20,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from refusaldir.batching import AUTO, BatchSize, BatchSizer, resolve_batch_size
 from refusaldir.errors import ConfigError
 from refusaldir.hooks import Appliable, applied_all
 
@@ -49,19 +50,22 @@ def final_logits(model: ChatModel, hidden: Float[Tensor, "*batch d_model"]) -> F
 
 def first_token_logprobs(
     model: ChatModel, prompts: Sequence[str], interventions: Sequence[Appliable] = (), *,
-    batch_size: int = 16,
+    batch_size: BatchSize = AUTO,
 ) -> Float[Tensor, "batch vocab"]:
     """Log-probabilities (CPU, float32) of the first generated token; the LM head runs at
     the last position only."""
-    if batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size} must be >= 1")
-    rows = []
+    sizer = BatchSizer(batch_size, model)
     decoder = decoder_of(model)
+
+    def run(chunk: list[str]) -> Tensor:
+        enc = {k: v.to(model.device) for k, v in model.template.encode(chunk).items()}
+        hidden = decoder(**enc, use_cache=False).last_hidden_state[:, -1]
+        return torch.log_softmax(final_logits(model, hidden), dim=-1).cpu()
+
     with applied_all(model, interventions), torch.inference_mode():
-        for s in range(0, len(prompts), batch_size):
-            enc = {k: v.to(model.device) for k, v in model.template.encode(list(prompts[s : s + batch_size])).items()}
-            hidden = decoder(**enc, use_cache=False).last_hidden_state[:, -1]
-            rows.append(torch.log_softmax(final_logits(model, hidden), dim=-1).cpu())
+        rows = [out for _, _, out in sizer.map(list(prompts), run)]
+    if not rows:
+        raise ConfigError("first_token_logprobs got no prompts; pass at least one")
     return torch.cat(rows)
 
 
@@ -133,17 +137,18 @@ def completion_loss(
     completions: Sequence[str],
     interventions: Sequence[Appliable] = (),
     *,
-    batch_size: int = 8,
+    batch_size: BatchSize = AUTO,
 ) -> dict[str, float]:
     """Token-weighted cross-entropy of ``completions`` given their prompts (teacher forcing)."""
     tok = model.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = model.template.pad_id
+    bs = resolve_batch_size(batch_size, model)
     total, count = 0.0, 0
     with applied_all(model, interventions), torch.inference_mode():
-        for s in range(0, len(prompts), batch_size):
-            p_enc = model.template.encode(list(prompts[s : s + batch_size]))
+        for s in range(0, len(prompts), bs):
+            p_enc = model.template.encode(list(prompts[s : s + bs]))
             rows, targets = [], []
-            for i, comp in enumerate(completions[s : s + batch_size]):
+            for i, comp in enumerate(completions[s : s + bs]):
                 p_ids = p_enc["input_ids"][i][p_enc["attention_mask"][i].bool()].tolist()
                 c_ids = tok(comp, add_special_tokens=False)["input_ids"]
                 if not c_ids:
@@ -162,19 +167,20 @@ def completion_loss(
 
 def text_loss(
     model: ChatModel, text: str, interventions: Sequence[Appliable] = (), *, chunk: int = 256,
-    max_tokens: int = 4096, batch_size: int = 4,
+    max_tokens: int = 4096, batch_size: BatchSize = AUTO,
 ) -> dict[str, float]:
     """Cross-entropy on plain text (no chat template), in chunks of ``chunk`` tokens."""
     tok = model.tokenizer
     ids = tok(text, add_special_tokens=False)["input_ids"][:max_tokens]
     if len(ids) < 2:
         raise ConfigError("the text file has fewer than 2 tokens; pass a longer plain-text file")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = model.template.pad_id
     pieces = [ids[i : i + chunk] for i in range(0, len(ids), chunk) if len(ids[i : i + chunk]) > 1]
+    bs = resolve_batch_size(batch_size, model)
     total, count = 0.0, 0
     with applied_all(model, interventions), torch.inference_mode():
-        for s in range(0, len(pieces), batch_size):
-            x, mask, pos = _left_pad(pieces[s : s + batch_size], pad)
+        for s in range(0, len(pieces), bs):
+            x, mask, pos = _left_pad(pieces[s : s + bs], pad)
             lp = _token_logprobs(model, x, mask, pos)
             valid = mask[:, 1:].bool() & mask[:, :-1].bool()
             total -= float(lp[valid].sum())

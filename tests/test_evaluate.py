@@ -94,16 +94,18 @@ def test_errors(tiny_run):
         make_judge("gpt")
 
 
-def test_kl_and_loss_math(tiny_run):
+def test_kl_and_loss_math(tiny_run, tol):
     model, ds = tiny_run
     base = first_token_logprobs(model, HARMLESS, batch_size=2)
     assert base.shape == (5, model.hf.config.vocab_size)
     torch.testing.assert_close(base.exp().sum(-1), torch.ones(5), atol=1e-5, rtol=0)
     assert float(kl_divergence(base, base).abs().max()) < 1e-6
-    # first-token log-probs equal the full model's last-position logits
+    # first-token log-probs equal the full model's last-position logits (LM head in the
+    # model's dtype, softmax in float32 on the CPU, as first_token_logprobs does)
     with torch.no_grad():
-        full = torch.log_softmax(model.hf(**model.template.encode(HARMLESS)).logits[:, -1], -1)
-    torch.testing.assert_close(base, full, atol=1e-4, rtol=0)
+        logits = model.hf(**model.template.encode(HARMLESS)).logits[:, -1]
+    full = torch.log_softmax(logits.float().cpu(), -1)
+    torch.testing.assert_close(base, full, atol=tol(1e-4), rtol=0)
     loss = completion_loss(model, HARMLESS[:2], ["Sure, here is bread.", "The sea is wide."])
     assert loss["tokens"] > 0 and loss["ppl"] == pytest.approx(math.exp(loss["ce"]))
 

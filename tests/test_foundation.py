@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import POST_TEXT, make_chat_model, make_hf_model, make_tokenizer
+from tiny import POST_TEXT, TEST_DEVICE, TEST_DTYPE, make_chat_model, make_hf_model, make_tokenizer
 
 import refusaldir as rd
 from refusaldir.errors import (
@@ -340,17 +340,19 @@ def test_missing_embedded_wheel_names_pip_command(monkeypatch):
         embedded.demo_gguf_parts()
 
 
-def test_local_folder_roundtrip(tmp_path):
+def test_local_folder_roundtrip(tmp_path, tol):
     tok = make_tokenizer("chatml")
     hf = make_hf_model("qwen2", vocab_size=len(tok))
     hf.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
-    model = rd.load_model(str(tmp_path / "m"))
+    model = rd.load_model(str(tmp_path / "m"))  # default device/dtype: the test's ($REFUSALDIR_*)
+    assert (model.device.type, model.dtype) == (torch.device(TEST_DEVICE).type, TEST_DTYPE)
     assert model.n_layers == 4 and len(model.weights_hash) == 64
     assert rd.load_model(str(tmp_path / "m")).weights_hash == model.weights_hash
     enc = model.template.encode(["Hi"])
+    hf = hf.to(device=TEST_DEVICE, dtype=TEST_DTYPE)  # the reference in the same dtype
     with torch.no_grad():
-        torch.testing.assert_close(model.hf(**enc).logits, hf(**enc).logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(model.hf(**enc).logits, hf(**enc).logits, atol=tol(1e-4), rtol=0)
 
 
 def test_capture_errors(tiny_qwen):
@@ -375,3 +377,52 @@ def test_cache_dir_env(monkeypatch, tmp_path):
     monkeypatch.delenv("REFUSALDIR_CACHE")
     assert cache_dir() == Path.home() / ".cache" / "refusaldir"
     assert os.fspath(cache_dir())
+
+
+def test_load_model_leaves_the_callers_tokenizer_alone():
+    tok = make_tokenizer("llama3")
+    tok.pad_token = None
+    tok.padding_side = "right"
+    hf = make_hf_model("llama", vocab_size=len(tok))
+    model = rd.load_model(hf, tokenizer=tok)
+    batch = model.template.encode(["Hi", "How do I bake bread at home?"])
+    assert tok.pad_token is None and tok.padding_side == "right"
+    assert model.tokenizer is tok
+    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][:, -1].all()  # left-padded
+    assert int(batch["input_ids"][0, 0]) == tok.eos_token_id  # padded with EOS when there is no pad
+
+
+def test_device_and_dtype_errors_are_clear(monkeypatch):
+    import torch
+
+    from refusaldir.errors import ModelLoadError
+    from refusaldir.models import resolve_device, resolve_dtype
+
+    with pytest.raises(ModelLoadError, match="'gpu0' is not a device name"):
+        resolve_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ModelLoadError, match="CUDA is not available.*--device cpu"):
+        resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ModelLoadError, match="'cuda:3' does not exist.*2 CUDA device"):
+        resolve_device("cuda:3")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla V100")
+    with pytest.raises(ModelLoadError, match="V100 cannot run bfloat16.*float16"):
+        resolve_dtype("bfloat16", torch.device("cuda:0"))
+    with pytest.raises(ModelLoadError, match="dtype 'int8' is not supported"):
+        resolve_dtype("int8", torch.device("cpu"))
+
+
+def test_weights_fingerprint_is_cheap_and_sees_edits():
+    import torch
+
+    from refusaldir.models import state_dict_hash, weights_fingerprint
+
+    hf = make_hf_model("qwen2")
+    fp, full = weights_fingerprint(hf), state_dict_hash(hf)
+    assert fp.startswith("fp:") and fp == weights_fingerprint(hf)
+    with torch.no_grad():
+        hf.model.embed_tokens.weight[0, 0] += 1.0  # first element: always in the fixed sample
+    assert weights_fingerprint(hf) != fp and state_dict_hash(hf) != full

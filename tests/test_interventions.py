@@ -14,7 +14,7 @@ from refusaldir.directions import Direction, DirectionSet
 from refusaldir.errors import ArtifactError, ConfigError, HookError, RefusalDirError
 from refusaldir.evaluate import calibrate_addition, calibrate_conditional
 from refusaldir.generation import Completion, generate, stop_token_ids
-from refusaldir.hooks import hook_name, hooks
+from refusaldir.hooks import bridge_kv_cache, hook_name, hooks
 from refusaldir.models import state_dict_hash
 from refusaldir.steer import (
     PROVENANCE_FILE,
@@ -85,7 +85,7 @@ def _no_hooks_left(model) -> bool:
 
 
 # ------------------------------------------------------------------ ablation ≡ orthogonalization
-def test_ablation_matches_orthogonalized_weights(any_model):
+def test_ablation_matches_orthogonalized_weights(any_model, tol):
     d = _direction(any_model)
     base, mask = _logits(any_model)
     with ablate(any_model, d):
@@ -95,7 +95,7 @@ def test_ablation_matches_orthogonalized_weights(any_model):
     with torch.no_grad():
         baked = ortho(**enc).logits
     assert (hooked - base)[mask].abs().max() > 1e-3  # the ablation does something
-    assert (hooked - baked)[mask].abs().max() <= 1e-5
+    assert (hooked - baked)[mask].abs().max() <= tol(1e-5)
 
 
 def test_orthogonalize_does_not_touch_input_model(llama_tied):
@@ -106,7 +106,7 @@ def test_orthogonalize_does_not_touch_input_model(llama_tied):
     assert torch.equal(_logits(llama_tied)[0], base)
 
 
-def test_tied_embeddings_are_untied_and_unembedding_kept(llama_tied):
+def test_tied_embeddings_are_untied_and_unembedding_kept(llama_tied, tol):
     d = _direction(llama_tied)
     assert llama_tied.hf.config.tie_word_embeddings
     ortho = orthogonalize(llama_tied, d)
@@ -115,8 +115,9 @@ def test_tied_embeddings_are_untied_and_unembedding_kept(llama_tied):
     assert not ortho.config.tie_word_embeddings
     original = llama_tied.hf.get_input_embeddings().weight
     assert torch.equal(head, original)  # the unembedding is the original (tied) matrix
-    assert (emb @ d.unit).abs().max() < 1e-5  # the input embedding is orthogonal to u
-    assert (ortho.model.layers[1].self_attn.o_proj.bias @ d.unit).abs() < 1e-6
+    u = d.unit.to(emb)  # the model's device and dtype
+    assert (emb @ u).abs().max() < tol(1e-5)  # the input embedding is orthogonal to u
+    assert (ortho.model.layers[1].self_attn.o_proj.bias @ u).abs() < tol(1e-6)
 
 
 # -------------------------------------------------------------------- nothing left behind
@@ -160,26 +161,27 @@ def _capture_resid(model, layer, prompts=PROMPTS):
     return got["x"]
 
 
-def test_addition_adds_raw_vector_scaled_by_coeff(qwen):
+def test_addition_adds_raw_vector_scaled_by_coeff(qwen, tol):
     d = _direction(qwen, layer=2)
     base = _capture_resid(qwen, 2)
     with add(qwen, d, coeff=1.5):  # default layer: the direction's own
         raw = _capture_resid(qwen, 2)
     with add(qwen, d, 2, coeff=1.5, normalize=True):
         unit = _capture_resid(qwen, 2)
-    torch.testing.assert_close(raw - base, (1.5 * d.vector).expand_as(base), atol=1e-5, rtol=0)
-    torch.testing.assert_close(unit - base, (1.5 * d.unit).expand_as(base), atol=1e-5, rtol=0)
+    torch.testing.assert_close(raw - base, (1.5 * d.vector).to(base).expand_as(base), atol=tol(1e-5), rtol=0)
+    torch.testing.assert_close(unit - base, (1.5 * d.unit).to(base).expand_as(base), atol=tol(1e-5), rtol=0)
 
 
-def test_interventions_compose_in_order(qwen):
+def test_interventions_compose_in_order(qwen, tol):
     d = _direction(qwen, layer=2)
+    u = d.unit.to(qwen.device, qwen.dtype)
     with ablate(qwen, d):
         x = _capture_resid(qwen, 2)
-        assert (x @ d.unit).abs().max() < 1e-4
+        assert (x @ u).abs().max() < tol(1e-4)
         with add(qwen, d, 2, coeff=2.0):
             y = _capture_resid(qwen, 2)
         # ablation runs first at resid_pre[2], then the addition: only 2·d is left along u
-        torch.testing.assert_close(y @ d.unit, torch.full(y.shape[:2], 2.0 * d.norm), atol=1e-3, rtol=0)
+        torch.testing.assert_close(y @ u, torch.full(y.shape[:2], 2.0 * d.norm).to(y), atol=tol(1e-3), rtol=0)
         assert torch.equal(_capture_resid(qwen, 2), x)  # leaving the inner block restores the outer
 
 
@@ -313,21 +315,39 @@ def test_generation_stops_at_every_eos(qwen):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_cached_generation_matches_plain_transformers(arch):
-    """The bridge must keep the KV cache: cached greedy output equals an unbridged HF model's."""
-    from tiny import make_chat_model, make_hf_model, make_tokenizer
+def test_cached_generation_matches_plain_transformers(arch, tol):
+    """The bridge must keep the KV cache: cached greedy output equals an unbridged HF model's.
+
+    The bridge runs attention its own way (eager, float32 softmax), so the two agree to
+    rounding: in float32 the greedy strings are identical; in bfloat16/float16 a near-tie may
+    pick another token, so there each decode step whose prefix still agrees must give the
+    same logits (a lost KV cache shows as differences of order 1, from the second step on).
+    """
+    from tiny import TEST_DTYPE, make_chat_model, make_hf_model, make_tokenizer
 
     tpl = "chatml" if arch == "qwen2" else "llama3"
     cm = make_chat_model(arch, tpl)
-    ref = make_hf_model(arch, vocab_size=len(make_tokenizer(tpl)))
+    ref = make_hf_model(arch, vocab_size=len(make_tokenizer(tpl))).to(cm.device, cm.dtype)
     out = generate(cm, PROMPTS, max_new_tokens=10, sort_by_length=False)
     enc = cm.template.encode(PROMPTS)
+    n = enc["input_ids"].shape[1]
+    kw = dict(max_new_tokens=10, do_sample=False, eos_token_id=stop_token_ids(cm),
+              pad_token_id=cm.tokenizer.pad_token_id, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
-        want = ref.generate(**enc, max_new_tokens=10, do_sample=False, eos_token_id=stop_token_ids(cm),
-                            pad_token_id=cm.tokenizer.pad_token_id)
+        want = ref.generate(**enc, **kw)
+        with bridge_kv_cache():  # the bridged model as generate() runs it, with its logits
+            got = cm.hf.generate(**enc, **kw)
     for row, c in enumerate(out):
-        ids = want[row, enc["input_ids"].shape[1]:].tolist()[: c.completion_tokens]
-        assert c.completion == cm.tokenizer.decode(ids, skip_special_tokens=True)
+        got_ids = got.sequences[row, n:].tolist()[: c.completion_tokens]
+        assert c.completion == cm.tokenizer.decode(got_ids, skip_special_tokens=True)
+        if TEST_DTYPE == torch.float32:
+            ids = want.sequences[row, n:].tolist()[: c.completion_tokens]
+            assert c.completion == cm.tokenizer.decode(ids, skip_special_tokens=True)
+    a, b = want.sequences[:, n:], got.sequences[:, n:]
+    for t in range(min(len(want.logits), len(got.logits))):
+        same = (a[:, :t] == b[:, :t]).all(dim=1)  # rows whose first t tokens agree
+        diff = (want.logits[t][same].float() - got.logits[t][same].float()).abs().max()
+        assert diff <= tol(1e-6), (t, float(diff))
 
 
 def test_template_end_of_turn_is_a_stop_token(llama_tied):
@@ -384,7 +404,7 @@ def test_to_dict_from_dict_round_trip(qwen):
 
 
 # -------------------------------------------------------------------- exported folder
-def test_orthogonalized_folder_loads_with_plain_transformers(llama_tied, tmp_path):
+def test_orthogonalized_folder_loads_with_plain_transformers(llama_tied, tmp_path, tol):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ds = _dirset(llama_tied)
@@ -394,7 +414,7 @@ def test_orthogonalized_folder_loads_with_plain_transformers(llama_tied, tmp_pat
     assert {"config.json", "model.safetensors", "generation_config.json", "README.md",
             "tokenizer.json", PROVENANCE_FILE} <= names
     assert not any(n.endswith(".bin") for n in names)
-    hf = AutoModelForCausalLM.from_pretrained(folder)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=llama_tied.dtype).to(llama_tied.device)
     tok = AutoTokenizer.from_pretrained(folder)
     assert hf.lm_head.weight.data_ptr() != hf.model.embed_tokens.weight.data_ptr()
     msgs = [{"role": "user", "content": PROMPTS[0]}]
@@ -405,7 +425,7 @@ def test_orthogonalized_folder_loads_with_plain_transformers(llama_tied, tmp_pat
         hooked, _ = _logits(llama_tied)
     with torch.no_grad():
         loaded = hf(**enc).logits
-    assert (loaded - hooked)[mask].abs().max() <= 1e-5
+    assert (loaded - hooked)[mask].abs().max() <= tol(1e-5)
     card = (folder / "README.md").read_text()
     assert "layer 2, position -1" in card and "untied" in card and d.to_dict()["kind"] in card
     info = json.loads((folder / PROVENANCE_FILE).read_text())

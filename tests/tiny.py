@@ -108,8 +108,12 @@ EPS = {torch.float32: 1.2e-7, torch.bfloat16: 7.8e-3, torch.float16: 9.8e-4}
 
 
 def dtype_tolerance(tol: float) -> float:
-    """``tol`` written for float32, scaled to the test dtype's precision."""
-    return tol * EPS[TEST_DTYPE] / EPS[torch.float32]
+    """``tol`` written for float32, unchanged in float32; in a lower precision at least 16 units
+    of roundoff of that dtype (0.125 in bfloat16), which the measured bf16 errors of these tests
+    (≤ 0.016) stay well inside while a wrong result (order 1) still fails."""
+    if TEST_DTYPE == torch.float32:
+        return tol
+    return max(tol, 16 * EPS[TEST_DTYPE])
 
 
 def make_chat_model(arch: str = "qwen2", template: str = "chatml", seed: int = 0, **overrides):

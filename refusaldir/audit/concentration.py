@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from refusaldir.batching import AUTO, BatchSize
 from refusaldir.directions import Direction, DirectionSet
 from refusaldir.errors import ConfigError
 from refusaldir.generation import generate
@@ -42,7 +43,7 @@ def concentration_curve(
     k_max: int = 4,
     min_residual: float = 0.2,
     max_new_tokens: int = 32,
-    batch_size: int = 16,
+    batch_size: BatchSize = AUTO,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Refusal rate on ``harmful`` with the top-1, top-2, … directions ablated together.
@@ -116,7 +117,7 @@ def _refusals_with(
     basis: Sequence[Float[Tensor, " d_model"]],
     judge: PhraseJudge,
     max_new_tokens: int,
-    batch_size: int,
+    batch_size: BatchSize,
     progress: bool,
 ) -> int:
     """How many of ``texts`` the phrase judge calls refusals with every ``basis`` vector ablated."""

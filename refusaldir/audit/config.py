@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from refusaldir.batching import AUTO, BatchSize, check_batch_size
 from refusaldir.errors import ConfigError
 from refusaldir.evaluate import CONDITIONS
 from refusaldir.guard import GUARD_METHODS
@@ -26,7 +27,7 @@ SETS = ("harmful", "harmless", "borderline")
 COLORS = {"harmful": "#d62728", "harmless": "#1f77b4", "borderline": "#ff7f0e"}
 DIGITS = 5
 
-_POSITIVE = ("max_new_tokens", "n_val", "batch_size", "k_max", "concentration_n", "guard_n_layers")
+_POSITIVE = ("max_new_tokens", "n_val", "k_max", "concentration_n", "guard_n_layers")
 _POSITIVE_OR_NONE = ("limit", "n_train", "capture_limit", "concentration_tokens")
 _ADDITION = ("add", "subtract", "conditional")
 
@@ -46,7 +47,7 @@ class AuditConfig:
     n_val: int = 32
     n_train: int | None = None
     capture_limit: int | None = None
-    batch_size: int = 16
+    batch_size: BatchSize = AUTO
     conditions: tuple[str, ...] = ("baseline", "ablate", "add", "ortho")
     add_coeff: float | None = None
     judge: str = "phrase"
@@ -90,6 +91,7 @@ class AuditConfig:
             raise ConfigError("the audit compares against the unmodified model; keep 'baseline' in conditions")
 
     def _check_counts(self) -> None:
+        check_batch_size(self.batch_size)
         for name in _POSITIVE:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")

@@ -23,6 +23,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from refusaldir.audit.config import DIGITS, SETS, AuditConfig
+from refusaldir.batching import AUTO, BatchSize
 from refusaldir.capture import iter_activations
 from refusaldir.directions import Direction, DirectionSet
 from refusaldir.errors import ConfigError
@@ -67,7 +68,7 @@ def project_sets(
     prompts: dict[str, list[str]],
     sel_pos: int,
     *,
-    batch_size: int = 16,
+    batch_size: BatchSize = AUTO,
     progress: bool = False,
 ) -> Projections:
     """One capture per prompt set at ``t_inst`` and ``sel_pos`` on every layer of ``ds``."""

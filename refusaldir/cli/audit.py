@@ -22,18 +22,14 @@ from refusaldir.audit import REPORT_HTML, AuditConfig, audit
 from refusaldir.cli.common import (
     BatchOpt,
     ColumnOpt,
-    DeviceOpt,
-    DtypeOpt,
     ForceOpt,
     JsonOpt,
-    ModelOpt,
-    SystemOpt,
-    TemplateOpt,
+    ModelOptions,
     app,
     err,
     friendly,
-    load_chat_model,
     load_prompt_set,
+    model_options,
     out,
     parse_layers,
     print_json,
@@ -53,8 +49,9 @@ def _default_out(model: str) -> Path:
 
 @app.command("audit")
 @friendly
+@model_options
 def audit_cmd(
-    model: ModelOpt = "demo",
+    mo: ModelOptions,
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="folder for report.html, report.json and artifacts (default: runs/MODEL/audit)")] = None,
     force: ForceOpt = False,
     directions: Annotated[Path | None, typer.Option(help="reuse a direction folder from `refusaldir extract` (must match the model's weights)")] = None,
@@ -68,12 +65,8 @@ def audit_cmd(
     k_max: Annotated[int, typer.Option(help="most directions to ablate together in the concentration curve")] = 4,
     guard_method: Annotated[str, typer.Option(help="latent guard: projection or centroid")] = "projection",
     target_fpr: Annotated[float, typer.Option(help="latent guard false-positive rate on harmless val")] = 0.05,
-    batch_size: BatchOpt = 16,
+    batch_size: BatchOpt = "auto",
     seed: int = 0,
-    system_prompt: SystemOpt = None,
-    chat_template: TemplateOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Audit a model's refusal mechanism; write a self-contained report.html and report.json.
@@ -86,9 +79,9 @@ def audit_cmd(
         conditions=tuple(c.strip() for c in conditions.split(",") if c.strip()), add_coeff=add_coeff,
         k_max=k_max, guard_method=guard_method, target_fpr=target_fpr, batch_size=batch_size, seed=seed,
     )
-    target = out_dir if out_dir is not None else _default_out(model)
+    target = out_dir if out_dir is not None else _default_out(mo.model)
     prepare_out(target.expanduser(), force)  # fail before loading the model
-    cm = load_chat_model(model, device, dtype, system_prompt, chat_template)
+    cm = mo.load()
     rep = audit(cm, target, directions=directions, selection=selection, config=cfg, force=force,
                 progress=not as_json, console=err)
     if as_json:
@@ -101,9 +94,10 @@ def audit_cmd(
 
 @app.command("guard")
 @friendly
+@model_options
 def guard_cmd(
+    mo: ModelOptions,
     texts: Annotated[list[str] | None, typer.Argument(metavar="[PROMPT]...", help="prompts to classify")] = None,
-    model: ModelOpt = "demo",
     directions: Annotated[Path | None, typer.Option(help="direction folder from `refusaldir extract` (fits a guard)")] = None,
     guard: Annotated[Path | None, typer.Option("--guard", help="a saved guard folder (instead of fitting one)")] = None,
     prompts: Annotated[str | None, typer.Option("--prompts", "-p", help="prompt file, or a shipped set such as borderline")] = None,
@@ -115,11 +109,7 @@ def guard_cmd(
     save: Annotated[Path | None, typer.Option(help="save the fitted guard to this folder")] = None,
     column: ColumnOpt = None,
     limit: Annotated[int | None, typer.Option(help="classify at most this many prompts from --prompts")] = None,
-    batch_size: BatchOpt = 16,
-    system_prompt: SystemOpt = None,
-    chat_template: TemplateOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
+    batch_size: BatchOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Flag harmful prompts from the model's own harmfulness representation at t_inst."""
@@ -137,7 +127,7 @@ def guard_cmd(
     if guard is None and directions is None:
         raise ConfigError("guard needs --directions RUN_FOLDER (to fit a guard) or --guard GUARD_FOLDER")
     saved = LatentGuard.load(guard) if guard is not None else None
-    cm = load_chat_model(model, device, dtype, system_prompt, chat_template)
+    cm = mo.load()
     if saved is not None:
         g = saved
         g.check_model(cm)

@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
+import json
 import logging
 import os
 import re
 import traceback
+import typing
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -42,8 +46,8 @@ from refusaldir.steer import default_layer
 
 __all__ = [
     "BatchOpt", "ColumnOpt", "DeviceOpt", "DtypeOpt", "ForceOpt", "JsonOpt", "LayerOpt", "ModelOpt",
-    "PosOpt", "SystemOpt", "TemplateOpt", "app", "direction_layer", "direction_pos", "err", "friendly",
-    "load_chat_model", "load_dataset_arg", "load_directions", "load_prompt_set", "out", "parse_ints",
+    "ModelOptions", "PosOpt", "SystemOpt", "TemplateOpt", "app", "direction_layer", "direction_pos", "err",
+    "friendly", "model_options", "parse_batch_size", "parse_device_map", "parse_max_memory", "load_dataset_arg", "load_directions", "load_prompt_set", "out", "parse_ints",
     "parse_layers", "print_json", "quiet_libraries", "torch_threads",
 ]
 
@@ -60,13 +64,29 @@ _VERBOSE: contextvars.ContextVar[bool] = contextvars.ContextVar("refusaldir_cli_
 
 # ------------------------------------------------------------------------- shared options
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="demo, smollm2, a .gguf file, a model folder or a hub id")]
-DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, … (default: cuda if available)")]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (default: $REFUSALDIR_DEVICE, else cuda if available)")]
 DtypeOpt = Annotated[str | None, typer.Option(help="float32, bfloat16, float16 (default: float32 on CPU)")]
 SystemOpt = Annotated[str | None, typer.Option(help="system message (default: the template's own)")]
 TemplateOpt = Annotated[Path | None, typer.Option(help="Jinja chat template file for models without one")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON instead of a table")]
 ColumnOpt = Annotated[str | None, typer.Option(help="prompt column in CSV/JSON files")]
-BatchOpt = Annotated[int, typer.Option(help="prompts per forward pass")]
+def parse_batch_size(value: str | int) -> int | str:
+    """``--batch-size``: ``auto`` or a positive integer.
+
+    Example:
+        >>> parse_batch_size("8"), parse_batch_size("auto")
+        (8, 'auto')
+    """
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    if not text.isdigit() or int(text) < 1:
+        raise typer.BadParameter(f"{value!r} is not 'auto' or an integer >= 1")
+    return int(text)
+
+
+BatchOpt = Annotated[str, typer.Option(
+    callback=parse_batch_size, help="prompts per forward pass, or 'auto' (largest that fits: 16 on CPU, more on a GPU, halved on out-of-memory)")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="replace an existing --out folder")]
 LayerOpt = Annotated[int | None, typer.Option(help="layer of the direction (default: selected, else best val AUROC)")]
 PosOpt = Annotated[int | None, typer.Option(help="position of the direction (default: selected, else -1)")]
@@ -186,16 +206,120 @@ def friendly(fn: F) -> F:
 
 
 # ------------------------------------------------------------------------------ loaders
-def load_chat_model(model: str, device: str | None, dtype: str | None, system_prompt: str | None,
-                    chat_template: Path | None) -> ChatModel:
-    """:func:`refusaldir.models.load_model` from the shared options (a spinner while it loads)."""
-    tpl = None
-    if chat_template is not None:
-        if not chat_template.is_file():
-            raise TemplateError(f"chat template file {chat_template} does not exist; check the path")
-        tpl = chat_template.read_text()
-    with err.status(f"loading {model} …"):
-        return load_model(model, device=device, dtype=dtype, system_prompt=system_prompt, chat_template=tpl)
+DeviceMapOpt = Annotated[str | None, typer.Option(
+    "--device-map", help="split a model over devices: 'auto', 'balanced', or a JSON file {module: device}")]
+MaxMemoryOpt = Annotated[str | None, typer.Option(
+    "--max-memory", help="per-device caps for --device-map, e.g. '0=70GiB,1=70GiB,cpu=200GiB'")]
+OffloadOpt = Annotated[Path | None, typer.Option(
+    "--offload-folder", help="folder for weights --device-map puts on 'disk'")]
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """The options every model-loading command shares (see :func:`model_options`)."""
+
+    model: str = "demo"
+    device: str | None = None
+    dtype: str | None = None
+    system_prompt: str | None = None
+    chat_template: Path | None = None
+    device_map: str | None = None
+    max_memory: str | None = None
+    offload_folder: Path | None = None
+
+    def load(self) -> ChatModel:
+        """:func:`refusaldir.models.load_model` from these options (a spinner while it loads)."""
+        tpl = None
+        if self.chat_template is not None:
+            if not self.chat_template.is_file():
+                raise TemplateError(f"chat template file {self.chat_template} does not exist; check the path")
+            try:
+                tpl = self.chat_template.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError) as exc:
+                raise TemplateError(
+                    f"chat template file {self.chat_template} is not readable UTF-8 text ({exc}); "
+                    "pass a Jinja template file"
+                ) from exc
+        with err.status(f"loading {self.model} …"):
+            return load_model(
+                self.model, device=self.device, dtype=self.dtype, system_prompt=self.system_prompt,
+                chat_template=tpl, device_map=parse_device_map(self.device_map),
+                max_memory=parse_max_memory(self.max_memory), offload_folder=self.offload_folder,
+            )
+
+
+_MODEL_PARAMS = [
+    inspect.Parameter("model", inspect.Parameter.KEYWORD_ONLY, default="demo", annotation=ModelOpt),
+    inspect.Parameter("system_prompt", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=SystemOpt),
+    inspect.Parameter("chat_template", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=TemplateOpt),
+    inspect.Parameter("device", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=DeviceOpt),
+    inspect.Parameter("dtype", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=DtypeOpt),
+    inspect.Parameter("device_map", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=DeviceMapOpt),
+    inspect.Parameter("max_memory", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=MaxMemoryOpt),
+    inspect.Parameter("offload_folder", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=OffloadOpt),
+]
+
+
+def model_options(fn: F) -> F:
+    """Give a command the shared model options (``--model``, ``--device``, ``--dtype``,
+    ``--system-prompt``, ``--chat-template``, ``--device-map``, ``--max-memory``,
+    ``--offload-folder``), defined once here, as one ``mo: ModelOptions`` argument."""
+    sig = inspect.signature(fn)
+    hints = typing.get_type_hints(fn, include_extras=True)  # resolved in fn's own module
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation))
+           for p in sig.parameters.values() if p.name != "mo"]
+    names = [p.name for p in _MODEL_PARAMS]
+
+    @wraps(fn)
+    def wrapper(**kwargs: Any) -> Any:
+        mo = ModelOptions(**{k: kwargs.pop(k) for k in names})
+        return fn(mo=mo, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=[*own, *_MODEL_PARAMS], return_annotation=None)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {**{p.name: p.annotation for p in own},
+                               **{p.name: p.annotation for p in _MODEL_PARAMS}}
+    del wrapper.__wrapped__  # typer must see the new signature, not fn's
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_device_map(text: str | None) -> str | dict[str, Any] | None:
+    """``auto``/``balanced``/``sequential`` or a JSON file mapping module names to devices."""
+    if text is None or text in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return text
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"--device-map {text!r} is neither 'auto', 'balanced', 'sequential' nor a JSON file; "
+            "pass one of those"
+        )
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"--device-map file {path} is not valid JSON ({exc}); fix the file") from exc
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"--device-map file {path} must hold a JSON object {{module: device}}")
+    return value
+
+
+def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
+    """``'0=70GiB,1=70GiB,cpu=200GiB'`` → ``{0: '70GiB', 1: '70GiB', 'cpu': '200GiB'}``.
+
+    Example:
+        >>> parse_max_memory("0=70GiB,cpu=200GiB")
+        {0: '70GiB', 'cpu': '200GiB'}
+    """
+    if text is None:
+        return None
+    out: dict[int | str, str] = {}
+    for part in text.split(","):
+        key, sep, size = part.strip().partition("=")
+        if not sep or not key or not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", size.strip()):
+            raise ConfigError(
+                f"--max-memory part {part.strip()!r} is not DEVICE=SIZE; expected e.g. "
+                "'0=70GiB,1=70GiB,cpu=200GiB'"
+            )
+        out[int(key) if key.isdigit() else key] = size.strip()
+    return out
 
 
 def load_prompt_set(value: str, column: str | None, limit: int | None) -> PromptSet:

@@ -22,24 +22,20 @@ from rich.table import Table
 from refusaldir.cli.common import (
     BatchOpt,
     ColumnOpt,
-    DeviceOpt,
-    DtypeOpt,
     ForceOpt,
     JsonOpt,
     LayerOpt,
-    ModelOpt,
+    ModelOptions,
     PosOpt,
-    SystemOpt,
-    TemplateOpt,
     app,
     direction_layer,
     direction_pos,
     err,
     friendly,
-    load_chat_model,
     load_dataset_arg,
     load_directions,
     load_prompt_set,
+    model_options,
     out,
     parse_ints,
     parse_layers,
@@ -61,8 +57,9 @@ __all__ = ["main"]
 
 @app.command("extract")
 @friendly
+@model_options
 def extract_cmd(
-    model: ModelOpt = "demo",
+    mo: ModelOptions,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="folder for directions.safetensors + metadata.json")] = Path("runs/demo"),
     harmful: Annotated[str, typer.Option(help="harmful prompts: a file, or 'harmful' for the shipped train split")] = "harmful",
     harmless: Annotated[str, typer.Option(help="harmless prompts: a file, or 'harmless' for the shipped train split")] = "harmless",
@@ -73,19 +70,15 @@ def extract_cmd(
     layers: Annotated[str, typer.Option(help="'all' or comma-separated layer indices")] = "all",
     hook_point: Annotated[str, typer.Option(help="resid_pre, resid_mid or resid_post")] = "resid_pre",
     pos: Annotated[int, typer.Option(help="post-instruction position for the table (from the end)")] = -1,
-    batch_size: BatchOpt = 16,
+    batch_size: BatchOpt = "auto",
     seed: int = 0,
-    system_prompt: SystemOpt = None,
-    chat_template: TemplateOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Extract per-layer refusal and harmfulness directions and report how well they separate."""
     sets = {k: load_prompt_set(v, column, limit) for k, v in
             dict(harmful=harmful, harmless=harmless, harmful_test=harmful_test, harmless_test=harmless_test).items()}
     layer_sel: Any = "all" if layers == "all" else parse_layers(layers)
-    cm = load_chat_model(model, device, dtype, system_prompt, chat_template)
+    cm = mo.load()
     ds = extract_directions(cm, sets["harmful"], sets["harmless"], layers=layer_sel, hook_point=hook_point,
                             batch_size=batch_size, seed=seed, progress=not as_json)
     rows = layer_stats(cm, ds, sets["harmful_test"], sets["harmless_test"], pos=pos,
@@ -98,7 +91,7 @@ def extract_cmd(
         print_json({"out": str(folder), "model": ds.metadata["model"], "positions": ds.positions,
                     "t_inst": ds.t_inst, "layers": rows})
         return
-    table = Table(title=f"{model}: refusal (pos {pos}) vs harmfulness (t_inst) per layer")
+    table = Table(title=f"{mo.model}: refusal (pos {pos}) vs harmfulness (t_inst) per layer")
     for col in ("layer", "‖refusal‖", "‖harmfulness‖", "cos(ref, harm)", "AUROC (test)"):
         table.add_column(col, justify="right")
     best = max(rows, key=lambda r: r["auroc"])
@@ -126,8 +119,9 @@ def _parse_add(spec: str) -> tuple[list[int], float]:
 
 @app.command("generate")
 @friendly
+@model_options
 def generate_cmd(
-    model: ModelOpt = "demo",
+    mo: ModelOptions,
     prompts: Annotated[str, typer.Option("--prompts", "-p", help="a prompt file, or a shipped set such as harmful:test")] = "harmful:test",
     directions: Annotated[Path | None, typer.Option(help="direction folder from `refusaldir extract` (for --ablate/--add)")] = None,
     ablate: Annotated[bool, typer.Option("--ablate", help="project the refusal direction out of every layer")] = False,
@@ -142,10 +136,6 @@ def generate_cmd(
     temperature: float = 1.0,
     seed: int = 0,
     judge: Annotated[bool, typer.Option(help="label each completion with the phrase refusal judge")] = True,
-    system_prompt: SystemOpt = None,
-    chat_template: TemplateOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Generate completions, optionally with the refusal direction ablated or added.
@@ -154,7 +144,7 @@ def generate_cmd(
     (Arditi et al.'s activation addition); otherwise from --layer.
     """
     texts = load_prompt_set(prompts, column, limit)
-    cm = load_chat_model(model, device, dtype, system_prompt, chat_template)
+    cm = mo.load()
     interventions: list[Intervention] = []
     if ablate or add:
         ds = load_directions(directions, cm, "--ablate/--add")
@@ -184,7 +174,7 @@ def generate_cmd(
         })
         return
     title = ", ".join(f"{i.type} (layers {i.to_dict()['layers']})" for i in interventions) or "no intervention"
-    table = Table(title=f"{model}: {title}", show_lines=True)
+    table = Table(title=f"{mo.model}: {title}", show_lines=True)
     table.add_column("prompt", ratio=2)
     table.add_column("completion", ratio=3)
     if judge:
@@ -199,17 +189,14 @@ def generate_cmd(
 
 @app.command("orthogonalize")
 @friendly
+@model_options
 def orthogonalize_cmd(
+    mo: ModelOptions,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="folder to write the edited model to")],
-    model: ModelOpt = "demo",
     directions: Annotated[Path | None, typer.Option(help="direction folder from `refusaldir extract`")] = None,
     layer: LayerOpt = None,
     pos: PosOpt = None,
     force: ForceOpt = False,
-    system_prompt: SystemOpt = None,
-    chat_template: TemplateOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write a copy of the model with the refusal direction removed from its weights.
@@ -217,7 +204,7 @@ def orthogonalize_cmd(
     The folder loads with plain transformers.AutoModelForCausalLM.from_pretrained.
     """
     prepare_out(out_dir.expanduser(), force)  # fail before loading the model
-    cm = load_chat_model(model, device, dtype, system_prompt, chat_template)
+    cm = mo.load()
     ds = load_directions(directions, cm, "orthogonalize")
     direction = ds.refusal_direction(direction_layer(cm, ds, layer, as_json), direction_pos(ds, pos))
     with err.status(f"writing {out_dir} …"):
@@ -235,8 +222,9 @@ def orthogonalize_cmd(
 # ------------------------------------------------------------------------------- evaluate
 @app.command("evaluate")
 @friendly
+@model_options
 def evaluate_cmd(
-    model: ModelOpt = "demo",
+    mo: ModelOptions,
     directions: Annotated[Path | None, typer.Option(help="direction folder (needed by every condition but baseline)")] = None,
     conditions: Annotated[str, typer.Option(help="comma-separated: baseline, ablate, add, subtract, ortho, conditional")] = "baseline,ablate,add",
     harmful: Annotated[str, typer.Option(help="harmful prompts (file or shipped set)")] = "harmful:test",
@@ -251,10 +239,6 @@ def evaluate_cmd(
     limit: Annotated[int | None, typer.Option(help="use at most this many prompts per dataset")] = None,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="folder for results.json, completions.jsonl, results.md")] = Path("runs/demo/eval"),
     column: ColumnOpt = None,
-    system_prompt: SystemOpt = None,
-    chat_template: TemplateOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Refusal and over-refusal rates (Wilson 95% CIs), KL and loss for each condition."""
@@ -273,7 +257,7 @@ def evaluate_cmd(
         if not text.is_file():
             raise ConfigError(f"text file {text} does not exist; check --text")
         text_body = text.read_text(encoding="utf-8", errors="replace")
-    cm = load_chat_model(model, device, dtype, system_prompt, chat_template)
+    cm = mo.load()
     ds = load_directions(directions, cm, "evaluate") if directions is not None else None
     res = evaluate(cm, ds, conditions=names, datasets=sets, judge=judge, max_new_tokens=max_new_tokens,
                    batch_size=batch_size, add_coeff=add_coeff, text=text_body, progress=not as_json)
@@ -290,8 +274,9 @@ def evaluate_cmd(
 # ------------------------------------------------------------------------------- select
 @app.command("select")
 @friendly
+@model_options
 def select_cmd(
-    model: ModelOpt = "demo",
+    mo: ModelOptions,
     directions: Annotated[Path, typer.Option(help="direction folder from `refusaldir extract`; the choice is saved there")] = Path("runs/demo"),
     mode: Annotated[str, typer.Option(help="exact (bypass/induce/KL sweep), cosine (output-free) or fast (exact on a shortlist from short bypass passes)")] = "exact",
     harmful_val: Annotated[str, typer.Option(help="harmful validation prompts (file or shipped set)")] = "harmful:val",
@@ -308,14 +293,10 @@ def select_cmd(
     method: Annotated[str, typer.Option(help="shared (fast, same result) or naive (the straightforward loop)")] = "shared",
     fast_prompts: Annotated[int, typer.Option(help="fast mode: harmful prompts in the short bypass pass that ranks candidates")] = 8,
     fast_keep: Annotated[int, typer.Option(help="fast mode: KL-passing finalists scored on every validation prompt")] = 2,
-    batch_size: BatchOpt = 16,
+    batch_size: BatchOpt = "auto",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (on a busy machine 1 can be much faster)")] = None,
     column: ColumnOpt = None,
     seed: int = 0,
-    system_prompt: SystemOpt = None,
-    chat_template: TemplateOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Pick the refusal direction (position × layer), explain why, and save the choice."""
@@ -330,7 +311,7 @@ def select_cmd(
     with torch_threads(threads):
         harmful = load_prompt_set(harmful_val, column, n_val)
         harmless = load_prompt_set(harmless_val, column, n_val)
-        cm = load_chat_model(model, device, dtype, system_prompt, chat_template)
+        cm = mo.load()
         ds = load_directions(directions, cm, "select")
         res = select_direction(cm, ds, harmful, harmless, cfg)
     ds.save(directions)
@@ -338,7 +319,7 @@ def select_cmd(
     if as_json:
         print_json(json.loads(path.read_text()))
         return
-    table = Table(title=f"{model}: refusal-direction candidates ({res.mode} mode), top {len(res.top_k)}")
+    table = Table(title=f"{mo.model}: refusal-direction candidates ({res.mode} mode), top {len(res.top_k)}")
     for col in ("rank", "pos", "layer", "bypass ↓", "induce", "KL", "cosine ↑", "status"):
         table.add_column(col, justify="right")
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from torch import Tensor
 
+from refusaldir.batching import AUTO, BatchSize, resolve_batch_size
 from refusaldir.capture import project
 from refusaldir.data import load_prompts
 from refusaldir.directions import Direction, DirectionSet
@@ -59,7 +60,7 @@ def calibrate_conditional(
     target_fpr: float = 0.05,
     layer: int | None = None,
     harmful_val: Sequence[str] | None = None,
-    batch_size: int = 16,
+    batch_size: BatchSize = AUTO,
     progress: bool = False,
 ) -> ConditionalSteering:
     """Steering that triggers on prompts whose harmfulness projection (``t_inst``) exceeds a
@@ -144,7 +145,7 @@ def calibrate_addition(
     max_coeff: float = 64.0,
     rel_tol: float = 0.1,
     max_new_tokens: int = 12,
-    batch_size: int = 16,
+    batch_size: BatchSize = AUTO,
     judge: Judge | None = None,
     progress: bool = False,
 ) -> AdditionCalibration:
@@ -188,8 +189,9 @@ def calibrate_addition(
             return cache[c]
         add_c = Addition(base.direction, tuple(layer_list), c, normalize)
         yes = done = 0
-        for s in range(0, n, batch_size):
-            chunk = texts[s : s + batch_size]
+        bs = resolve_batch_size(batch_size, model, "generate")
+        for s in range(0, n, bs):
+            chunk = texts[s : s + bs]
             comps: list[Completion] = generate(model, chunk, [add_c], max_new_tokens=max_new_tokens,
                                                batch_size=batch_size, progress=False)
             yes += sum(_is_refusal(judge, chunk, [x.completion for x in comps]))

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from refusaldir.batching import AUTO, BatchSize
 from refusaldir.directions import DirectionSet
 from refusaldir.errors import ConfigError
 from refusaldir.evaluate.calibrate import calibrate_addition, calibrate_conditional
@@ -57,7 +58,7 @@ def build_conditions(
     harmful_val: Sequence[str] | None = None,
     target_rate: float = 0.8,
     target_fpr: float = 0.05,
-    batch_size: int = 16,
+    batch_size: BatchSize = AUTO,
     progress: bool = False,
 ) -> list[Condition]:
     """Turn condition names into :class:`Condition` objects (calibrating where needed).

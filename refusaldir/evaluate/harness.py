@@ -27,6 +27,7 @@ from typing import Any
 
 from torch import Tensor
 
+from refusaldir.batching import AUTO, BatchSize
 from refusaldir.data import PromptSet, load_prompts
 from refusaldir.directions import DirectionSet
 from refusaldir.errors import ArtifactError, ConfigError
@@ -189,7 +190,7 @@ def evaluate(
     datasets: Mapping[str, PromptSet | Sequence[str]] | None = None,
     judge: Judge | str = "phrase",
     max_new_tokens: int = 64,
-    batch_size: int = 16,
+    batch_size: BatchSize = AUTO,
     limit: int | None = None,
     add_coeff: float | None = None,
     text: str | None = None,
@@ -284,7 +285,7 @@ def evaluate(
 
 
 def _judge(jd: Any, model: ChatModel, cond: Condition, prompts: list[str], responses: list[str],
-           batch_size: int) -> list[Any]:
+           batch_size: BatchSize) -> list[Any]:
     if hasattr(jd, "judge_prompts"):  # first-token judge: reads the model under the condition
         return jd.judge_prompts(model, prompts, cond.interventions, batch_size=batch_size)
     return jd.judge_many(prompts, responses)

@@ -20,6 +20,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from refusaldir.batching import AUTO, BatchSize
 from refusaldir.data import as_prompt_list, load_prompts
 from refusaldir.errors import ConfigError
 from refusaldir.generation import generate
@@ -32,7 +33,7 @@ from refusaldir.stats import auroc, roc_curve
 __all__ = ["behavioural_scores", "guard_vs_behaviour"]
 
 
-def _greedy(model: ChatModel, texts: list[str], max_new_tokens: int, batch_size: int,
+def _greedy(model: ChatModel, texts: list[str], max_new_tokens: int, batch_size: BatchSize,
             progress: bool) -> list[str]:
     return [c.completion for c in generate(model, texts, max_new_tokens=max_new_tokens,
                                            batch_size=batch_size, progress=progress)]
@@ -46,7 +47,7 @@ def behavioural_scores(
     refusal_ids: Sequence[int] | None = None,
     responses: Sequence[str] | None = None,
     max_new_tokens: int = 64,
-    batch_size: int = 16,
+    batch_size: BatchSize = AUTO,
     progress: bool = False,
 ) -> Float[Tensor, " batch"]:
     """How strongly the model itself refuses each prompt (higher = more refusal), on the CPU.
@@ -83,7 +84,7 @@ def guard_vs_behaviour(
     responses: dict[str, Sequence[str]] | None = None,
     kinds: Sequence[str] = ("logit", "phrase"),
     max_new_tokens: int = 64,
-    batch_size: int = 16,
+    batch_size: BatchSize = AUTO,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Guard AUROC next to behavioural-refusal AUROC on ``harmful`` vs ``safe`` prompts.

@@ -39,6 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from refusaldir.batching import AUTO, BatchSize
 from refusaldir.capture import iter_activations
 from refusaldir.data import as_prompt_list, load_prompts
 from refusaldir.directions import DirectionSet
@@ -112,7 +113,7 @@ class LatentGuard:
         method: str = "projection",
         target_fpr: float = 0.05,
         n_layers: int = 3,
-        batch_size: int = 16,
+        batch_size: BatchSize = AUTO,
         progress: bool = True,
         strict_hash: bool = True,
     ) -> LatentGuard:
@@ -269,7 +270,7 @@ class LatentGuard:
         prompts: Sequence[str] | str,
         *,
         interventions: Sequence[Appliable] = (),
-        batch_size: int = 16,
+        batch_size: BatchSize = AUTO,
         progress: bool = False,
         description: str = "guard",
     ) -> Float[Tensor, "batch layer"]:
@@ -292,7 +293,7 @@ class LatentGuard:
         prompts: Sequence[str] | str,
         *,
         interventions: Sequence[Appliable] = (),
-        batch_size: int = 16,
+        batch_size: BatchSize = AUTO,
         progress: bool = False,
     ) -> Float[Tensor, " batch"]:
         """Standardised guard score per prompt (higher = more harmful)."""
@@ -300,7 +301,7 @@ class LatentGuard:
         return self.combine(self.raw_scores(model, prompts, interventions=interventions,
                                             batch_size=batch_size, progress=progress))
 
-    def predict(self, model: ChatModel, prompts: Sequence[str] | str, *, batch_size: int = 16,
+    def predict(self, model: ChatModel, prompts: Sequence[str] | str, *, batch_size: BatchSize = AUTO,
                 progress: bool = False) -> Bool[Tensor, " batch"]:
         """``True`` where the prompt is flagged harmful (score above the calibrated threshold)."""
         return self.score(model, prompts, batch_size=batch_size, progress=progress) > self.threshold
@@ -311,7 +312,7 @@ class LatentGuard:
         harmful: Sequence[str],
         harmless: Sequence[str],
         *,
-        batch_size: int = 16,
+        batch_size: BatchSize = AUTO,
         progress: bool = False,
     ) -> dict[str, Any]:
         """AUROC, TPR and FPR at the threshold on held-out prompts, plus the ROC curve."""

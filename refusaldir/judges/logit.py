@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from refusaldir.batching import AUTO, BatchSize, resolve_batch_size
 from refusaldir.data import load_prompts
 from refusaldir.errors import ConfigError, PromptFileError, RefusalDirError
 from refusaldir.generation import stop_token_ids
@@ -94,7 +95,7 @@ def find_refusal_tokens(
     judge: Judge | None = None,
     min_share: float = 0.05,
     max_harmless_share: float = 0.1,
-    batch_size: int = 16,
+    batch_size: BatchSize = AUTO,
     progress: bool = False,
 ) -> RefusalTokens:
     """Detect the first tokens with which ``model`` starts its refusals.
@@ -175,7 +176,7 @@ def find_refusal_tokens(
 
 
 def _first_generated(
-    model: ChatModel, prompts: list[str], max_new_tokens: int, batch_size: int, progress: bool
+    model: ChatModel, prompts: list[str], max_new_tokens: int, batch_size: BatchSize, progress: bool
 ) -> tuple[list[int | None], list[str]]:
     """Greedy completions of ``prompts`` and the id of each one's first generated token
     (``None`` when the model ends its turn at once)."""
@@ -183,7 +184,7 @@ def _first_generated(
 
     stops = stop_token_ids(model)
     tok = model.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
+    pad = model.template.pad_id
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
                               pad_token_id=pad, use_cache=True)
     firsts: list[int | None] = []
@@ -191,8 +192,9 @@ def _first_generated(
     bar = progress_bar(progress)
     with bar, torch.inference_mode(), bridge_kv_cache():
         task = bar.add_task("detect refusal tokens", total=len(prompts))
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
+        bs = resolve_batch_size(batch_size, model, "generate")
+        for start in range(0, len(prompts), bs):
+            chunk = prompts[start : start + bs]
             enc = {k: v.to(model.device) for k, v in model.template.encode(chunk).items()}
             out = model.hf.generate(**enc, generation_config=config)
             for row in out[:, enc["input_ids"].shape[1] :].tolist():
@@ -253,7 +255,7 @@ class FirstTokenJudge:
         return cls(found.ids, tokens=found.tokens)
 
     def judge_prompts(self, model: object, prompts: Sequence[str], interventions: Sequence[object] = (),
-                      *, batch_size: int = 16) -> list[Judgement]:
+                      *, batch_size: BatchSize = AUTO) -> list[Judgement]:
         logp = first_token_logprobs(model, prompts, interventions, batch_size=batch_size)  # type: ignore[arg-type]
         scores = refusal_score(logp, self.refusal_ids)
         out = []

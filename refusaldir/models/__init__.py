@@ -18,7 +18,6 @@ from refusaldir.models.load import (
     DTYPES,
     default_device,
     load_model,
-    private_tokenizer,
     resolve_device,
     resolve_dtype,
 )
@@ -27,6 +26,6 @@ from refusaldir.models.templates import ChatTemplate
 __all__ = [
     "DTYPES", "EMBEDDED", "ChatModel", "ChatTemplate", "EmbeddedModel", "cache_dir",
     "cached_sha256", "default_device", "demo_gguf_parts", "folder_hash", "input_device",
-    "load_model", "private_tokenizer", "resolve_device", "resolve_dtype", "state_dict_hash",
+    "load_model", "resolve_device", "resolve_dtype", "state_dict_hash",
     "stop_token_ids", "weights_fingerprint",
 ]

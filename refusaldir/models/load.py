@@ -117,14 +117,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return dt
 
 
-def private_tokenizer(tokenizer: Any) -> Any:
-    """A copy of ``tokenizer`` set up for refusaldir (pad token, left padding); the caller's
-    object is never modified."""
-    tok = copy.deepcopy(tokenizer)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
-    return tok
+_BRIDGE_TOUCHES = ("pad_token", "padding_side", "bos_token", "eos_token")
 
 
 def _boot(
@@ -142,6 +135,9 @@ def _boot(
     # shallow copy that declares BOS handling done.
     bridge_tok = copy.copy(tokenizer)
     bridge_tok.init_kwargs = {**tokenizer.init_kwargs, "name_or_path": name, "add_bos_token": True}
+    # The bridge sets a pad token on the (shallow-copied, so shared) special tokens; put the
+    # caller's tokenizer back as it was. A deep copy would cost seconds on large vocabularies.
+    saved = {k: getattr(tokenizer, k, None) for k in _BRIDGE_TOUCHES}
     try:
         bridge = TransformerBridge.boot_transformers(
             name, hf_model=hf, tokenizer=bridge_tok, device=input_device(hf), dtype=hf.dtype
@@ -151,6 +147,10 @@ def _boot(
             f"transformer-lens could not wrap {type(hf).__name__} ({name}): {exc}. "
             "Check that the architecture is supported by transformer-lens 4.x."
         ) from exc
+    finally:
+        for k, v in saved.items():
+            if getattr(tokenizer, k, None) != v:
+                setattr(tokenizer, k, v)
     # The bridge switches to eager attention so pattern hooks fire; refusaldir never needs
     # attention patterns, and sdpa is markedly faster, so switch back unless asked not to.
     if attn_implementation is not None and hasattr(hf, "set_attn_implementation"):
@@ -195,8 +195,8 @@ def load_model(
             default (Qwen's template inserts its built-in system prompt; most others none).
         chat_template: a Jinja chat template to use when the tokenizer has none.
 
-    The caller's tokenizer and model objects are used as given; refusaldir works on a copy of
-    the tokenizer (pad token, left padding).
+    The caller's tokenizer is used as given and never modified (refusaldir pads by hand, on
+    the left).
 
     Example:
         >>> model = load_model("smollm2")  # doctest: +SKIP
@@ -214,7 +214,7 @@ def load_model(
     from transformer_lens.model_bridge import TransformerBridge
 
     if isinstance(spec, TransformerBridge):
-        tok = private_tokenizer(tokenizer or spec.tokenizer)
+        tok = tokenizer or spec.tokenizer
         return ChatModel(spec, tok, _name_of(spec.original_model), fingerprint(spec.original_model), **kw)
     if isinstance(spec, torch.nn.Module):
         if tokenizer is None:
@@ -222,7 +222,7 @@ def load_model(
                 f"got a loaded {type(spec).__name__} but no tokenizer; pass "
                 "load_model(model, tokenizer=AutoTokenizer.from_pretrained(...))"
             )
-        tok = private_tokenizer(tokenizer)
+        tok = tokenizer
         name = _name_of(spec)
         bridge = _boot(spec, tok, name, attn_implementation=attn_implementation)
         return ChatModel(bridge, tok, name, fingerprint(spec), **kw)
@@ -297,9 +297,9 @@ def _from_pretrained(
                 f"{source} has no tokenizer (tokenizer.json / tokenizer_config.json); save the "
                 "tokenizer into the folder (tokenizer.save_pretrained) or pass tokenizer="
             )
-        tok = private_tokenizer(tokenizer or AutoTokenizer.from_pretrained(
+        tok = tokenizer or AutoTokenizer.from_pretrained(
             source, revision=revision, trust_remote_code=trust_remote_code, local_files_only=local
-        ))
+        )
         hf = AutoModelForCausalLM.from_pretrained(
             source, dtype=dt, revision=revision, trust_remote_code=trust_remote_code,
             local_files_only=local, **placement,

@@ -14,7 +14,6 @@ token suffix, so no template string is hard-coded.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from collections.abc import Sequence
@@ -55,9 +54,6 @@ class ChatTemplate:
                 f"tokenizer {name!r} has no chat template; pass one with "
                 "load_model(..., chat_template=JINJA_STRING) or `--chat-template FILE`"
             )
-        if tokenizer.pad_token_id is None:  # pad a private copy; the caller's stays as it is
-            self.tokenizer = copy.deepcopy(tokenizer)
-            self.tokenizer.pad_token = tokenizer.eos_token
 
     def format(self, instruction: str) -> str:
         """Render one user instruction followed by the generation prompt."""
@@ -94,6 +90,14 @@ class ChatTemplate:
                 "ends with the instruction itself. Pass a template that adds a generation prompt"
             )
         return tuple(renders[0][-n:])
+
+    @property
+    def pad_id(self) -> int:
+        """Id used for left padding (masked out): the pad token, else EOS, else 0."""
+        for cand in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
+            if cand is not None:
+                return int(cand)
+        return 0
 
     @property
     def n_post(self) -> int:
@@ -133,16 +137,18 @@ class ChatTemplate:
         if not instructions:
             raise TemplateError("encode() got no instructions; pass at least one prompt")
         texts = [self.format(i) for i in instructions]
-        batch = self.tokenizer(
-            texts,
-            add_special_tokens=False,
-            padding=True,
-            padding_side="left",
-            return_tensors="pt",
-            truncation=max_length is not None,
-            max_length=max_length,
-        )
-        ids, mask = batch["input_ids"], batch["attention_mask"]
+        rows = self.tokenizer(
+            texts, add_special_tokens=False, truncation=max_length is not None, max_length=max_length,
+        )["input_ids"]
+        # Left-pad by hand: the tokenizer (the caller's object) is never modified, and
+        # needs no pad token of its own.
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            if r:
+                ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+                mask[i, width - len(r):] = 1
         post = torch.tensor(self.post_instruction_ids, dtype=ids.dtype)
         bad = (ids[:, -self.n_post :] != post).any(dim=1)
         if bool(bad.any()):

@@ -14,6 +14,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from refusaldir.batching import AUTO, BatchSize, check_batch_size
 from refusaldir.errors import ConfigError
 
 __all__ = [
@@ -60,7 +61,7 @@ class SelectionConfig:
     max_layer_frac: float = 0.8
     positions: list[int] | None = None
     layers: list[int] | None = None
-    batch_size: int = 16
+    batch_size: BatchSize = AUTO
     top_k: int = 5
     n_bootstrap: int = 1000
     seed: int = 0
@@ -84,7 +85,8 @@ class SelectionConfig:
             raise ConfigError(f"method={self.method!r} is not one of {', '.join(METHODS)}")
         if self.method == "naive" and self.mode != "exact":
             raise ConfigError("method='naive' (the straightforward loop) exists for mode='exact' only")
-        for name in ("n_val", "batch_size", "top_k", "fast_keep", "fast_prompts", "detect_max_new_tokens"):
+        check_batch_size(self.batch_size)
+        for name in ("n_val", "top_k", "fast_keep", "fast_prompts", "detect_max_new_tokens"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if int(self.n_bootstrap) < 0:

@@ -67,8 +67,7 @@ class ForwardEngine:
         self.blocks = self.decoder.layers
         params = inspect.signature(self.decoder.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
-        pad = model.tokenizer.pad_token_id
-        self.pad_id = int(pad if pad is not None else model.tokenizer.eos_token_id)
+        self.pad_id = model.template.pad_id
         tok = TokenizedSets(model, sets, share_prefix=share_prefix)
         self.prefix_len = tok.prefix_len
         self.prefix_ids = tok.prefix_ids

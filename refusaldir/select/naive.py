@@ -10,6 +10,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from refusaldir.batching import resolve_batch_size
 from refusaldir.readout import first_token_kl
 from refusaldir.select.config import Key
 from refusaldir.select.state import SelectionState
@@ -21,7 +22,7 @@ __all__ = ["naive_baseline", "naive_candidate", "naive_logits"]
 def naive_logits(st: SelectionState, texts: list[str]) -> Float[Tensor, "n vocab"]:
     """Full forward passes, full logits; the last position's row is kept (model device)."""
     out = []
-    model, bs = st.model, st.cfg.batch_size
+    model, bs = st.model, resolve_batch_size(st.cfg.batch_size, st.model)
     with torch.inference_mode():
         for s in range(0, len(texts), bs):
             enc = {k: v.to(model.device) for k, v in model.template.encode(texts[s : s + bs]).items()}

@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from refusaldir.batching import resolve_batch_size
 from refusaldir.hooks import hook_name
 from refusaldir.judges import RefusalTokens, find_refusal_tokens
 from refusaldir.readout import first_token_kl
@@ -63,7 +64,7 @@ def shared_baseline(st: SelectionState) -> None:
     position, and the harmless residual stream (for additions that start late)."""
     cfg = st.cfg
     eng = ForwardEngine(st.model, {"harmful": st.harmful, "harmless": st.harmless},
-                        batch_size=cfg.batch_size, share_prefix=cfg.share_prefix)
+                        batch_size=resolve_batch_size(cfg.batch_size, st.model), share_prefix=cfg.share_prefix)
     st.eng = eng
     all_layers = list(range(st.model.n_layers))
     task = st.bar.add_task("baseline", total=2)

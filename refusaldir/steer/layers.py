@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from refusaldir.batching import AUTO, BatchSize
 from refusaldir.capture import project
 from refusaldir.data import load_prompts
 from refusaldir.directions import DirectionSet
@@ -37,7 +38,7 @@ def layer_scores(
     kind: str = "refusal",
     pos: int = -1,
     max_frac: float = 0.8,
-    batch_size: int = 16,
+    batch_size: BatchSize = AUTO,
     progress: bool = False,
 ) -> list[dict[str, float]]:
     """AUROC (harmful vs harmless) and standardized separation of each candidate layer's
@@ -93,7 +94,7 @@ def default_layer(
     max_frac: float = 0.8,
     tol: float = 0.02,
     use_selected: bool = True,
-    batch_size: int = 16,
+    batch_size: BatchSize = AUTO,
     progress: bool = False,
 ) -> int:
     """The layer to intervene at (refusal) or to detect at (harmfulness).

@@ -69,7 +69,7 @@ def plain_copy(model: ChatModel) -> Any:
             f"could not rebuild {type(hf).__name__} from its config to hold the edited weights "
             f"({exc}); orthogonalize needs a standard transformers architecture"
         ) from exc
-    src = {_strip(k): v for k, v in hf.state_dict(keep_vars=False).items()}
+    src = {_strip(k): v for k, v in _full_state_dict(hf).items()}
     src_buffers = {_strip(k): v for k, v in hf.named_buffers()}
     params = dict(clean.named_parameters(remove_duplicate=False))
     with torch.no_grad():
@@ -85,6 +85,18 @@ def plain_copy(model: ChatModel) -> Any:
                 b.data = src_buffers[name].detach().clone()  # keeps the source's dtype (RoPE: fp32)
     clean.generation_config = copy.deepcopy(hf.generation_config)
     return clean.eval()
+
+
+def _full_state_dict(hf: Any) -> dict[str, Tensor]:
+    """The model's weights; those accelerate offloaded (``meta`` placeholders) are read back
+    from CPU memory or disk."""
+    state: dict[str, Tensor] = hf.state_dict(keep_vars=False)
+    if not any(t.device.type == "meta" for t in state.values()):
+        return state
+    from accelerate.utils.modeling import get_state_dict_offloaded_model
+
+    full: dict[str, Tensor] = get_state_dict_offloaded_model(hf)
+    return full
 
 
 def _linear(module: Any, names: tuple[str, ...], d_model: int) -> Any:
