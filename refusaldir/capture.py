@@ -20,6 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from refusaldir.batching import AUTO, BatchSize, BatchSizer
+from refusaldir.data import check_prompts
 from refusaldir.errors import ConfigError, PromptFileError
 from refusaldir.hooks import RESID_POINTS, StopForward, check_layers, hook_name, hooks, stop_forward
 from refusaldir.progress import progress_bar
@@ -54,8 +55,7 @@ def iter_activations(
     Only layers up to the deepest requested one are computed. Activations keep the model's
     dtype; callers reduce them (means, projections) before the next batch arrives.
     """
-    if not instructions:
-        raise PromptFileError("no prompts to capture; pass at least one instruction")
+    texts = check_prompts(instructions, "instructions", single=True)
     sizer = BatchSizer(batch_size, model, kind="capture")
     if hook_point not in RESID_POINTS:
         raise ConfigError(
@@ -63,6 +63,7 @@ def iter_activations(
         )
     layer_list = check_layers(model, layers)
     pos = _check_positions(model, positions if positions is not None else model.template.positions)
+    model.template.check_lengths(texts, what=description if description != "capture" else "prompts")
     pos_index = torch.tensor(pos, device=model.device)
     template = model.template
     last = layer_list[-1]
@@ -89,8 +90,8 @@ def iter_activations(
 
     bar = progress_bar(progress)
     with bar, hooks(model, fwd), torch.inference_mode():
-        task = bar.add_task(description, total=len(instructions))
-        for start, chunk, acts in sizer.map(list(instructions), forward):
+        task = bar.add_task(description, total=len(texts))
+        for start, chunk, acts in sizer.map(texts, forward):
             yield start, acts
             bar.advance(task, len(chunk))
 
@@ -107,16 +108,17 @@ def mean_activations(
     description: str = "mean activations",
 ) -> Float[Tensor, "pos layer d_model"]:
     """Mean residual activation over prompts, accumulated in float64 batch by batch."""
+    texts = check_prompts(instructions, "instructions", single=True)
     total: Tensor | None = None
     for _, acts in iter_activations(
-        model, instructions, layers=layers, positions=positions, hook_point=hook_point,
+        model, texts, layers=layers, positions=positions, hook_point=hook_point,
         batch_size=batch_size, progress=progress, description=description,
     ):
         s = acts.to(torch.float64).sum(dim=0)
         total = s if total is None else total + s
     if total is None:
         raise PromptFileError("no prompts to capture; pass at least one instruction")
-    return total / len(instructions)
+    return total / len(texts)
 
 
 def project(
@@ -132,12 +134,33 @@ def project(
     description: str = "projections",
 ) -> Float[Tensor, "batch pos layer"]:
     """Scalar projection of each prompt's activation onto ``directions`` (normalised here)."""
+    texts = check_prompts(instructions, "instructions", single=True)
+    if not isinstance(directions, Tensor) or directions.ndim != 3:
+        shape = tuple(directions.shape) if isinstance(directions, Tensor) else type(directions).__name__
+        raise ConfigError(
+            f"directions has shape {shape}; expected a (pos, layer, d_model) tensor, e.g. "
+            "ds.refusal[i : i + 1] for one position"
+        )
+    if directions.shape[-1] != model.d_model:
+        raise ConfigError(
+            f"directions have d_model={directions.shape[-1]} but {model.spec} has "
+            f"d_model={model.d_model}; use directions extracted from this model"
+        )
+    if not bool(torch.isfinite(directions).all()):
+        raise ConfigError("directions contain NaN or inf values; re-extract them")
+    n_pos = len(positions) if positions is not None else len(model.template.positions)
+    n_layers = len(check_layers(model, layers))
+    if tuple(directions.shape[:2]) != (n_pos, n_layers):
+        raise ConfigError(
+            f"directions has shape {tuple(directions.shape)} but {n_pos} position(s) and "
+            f"{n_layers} layer(s) were asked for; pass one direction per (position, layer)"
+        )
     unit = directions.to(torch.float64)
     unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    out = torch.empty(len(instructions), unit.shape[0], unit.shape[1], dtype=torch.float64)
+    out = torch.empty(len(texts), unit.shape[0], unit.shape[1], dtype=torch.float64)
     unit = unit.to(model.device)  # once, not per batch
     for start, acts in iter_activations(
-        model, instructions, layers=layers, positions=positions, hook_point=hook_point,
+        model, texts, layers=layers, positions=positions, hook_point=hook_point,
         batch_size=batch_size, progress=progress, description=description,
     ):
         proj = torch.einsum("bpld,pld->bpl", acts.to(torch.float64), unit)

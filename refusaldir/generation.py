@@ -16,6 +16,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -25,7 +27,8 @@ from jaxtyping import Int
 from torch import Tensor
 
 from refusaldir.batching import AUTO, BatchSize, BatchSizer
-from refusaldir.errors import ConfigError, PromptFileError
+from refusaldir.data import check_prompts
+from refusaldir.errors import ConfigError
 from refusaldir.hooks import applied_all, bridge_kv_cache
 from refusaldir.models import stop_token_ids
 from refusaldir.progress import progress_bar
@@ -106,14 +109,21 @@ def generate(
     """
     from transformers import GenerationConfig
 
-    texts = list(prompts)
-    if not texts:
-        raise PromptFileError("no prompts to generate for; pass at least one instruction")
-    if int(max_new_tokens) < 1:
-        raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    texts = check_prompts(prompts, "prompts", single=True)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
+            or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be a whole number >= 1")
     sizer = BatchSizer(batch_size, model, kind="generate")
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ConfigError(f"{name}={value!r} must be a finite number")
     if do_sample and not (temperature > 0 and 0 < top_p <= 1):
         raise ConfigError(f"temperature={temperature} must be > 0 and top_p={top_p} in (0, 1]")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ConfigError(f"seed={seed!r} must be a whole number")
+    template = model.template
+    lengths = template.check_lengths(texts, reserve=int(max_new_tokens))
+    budget = template.budget(int(max_new_tokens))
     stops = stop_token_ids(model)
     stop_set = set(stops)
     tok = model.tokenizer
@@ -126,11 +136,9 @@ def generate(
         gen_kw.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
     config = GenerationConfig(**gen_kw)
     records = [i.to_dict() for i in interventions]
-    template = model.template
 
     order = list(range(len(texts)))
     if sort_by_length:
-        lengths = [len(tok(template.format(t), add_special_tokens=False)["input_ids"]) for t in texts]
         order.sort(key=lambda i: lengths[i])
     results: list[Completion | None] = [None] * len(texts)
     bar = progress_bar(progress)
@@ -145,7 +153,8 @@ def generate(
         task = bar.add_task("generate", total=len(texts))
 
         def run(idx: list[int]) -> Tensor:
-            enc = {k: v.to(model.device) for k, v in template.encode([texts[i] for i in idx]).items()}
+            enc = {k: v.to(model.device)
+                   for k, v in template.encode([texts[i] for i in idx], max_length=budget).items()}
             for a in conditional:
                 a.mask = a.scores = None
             out = model.hf.generate(**enc, generation_config=config)

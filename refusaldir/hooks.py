@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
@@ -62,7 +63,13 @@ def check_layers(model: ChatModel, layers: Iterable[int] | str | None) -> list[i
         return list(range(n))
     if isinstance(layers, str):
         raise HookError(f"layers={layers!r} is not valid; pass 'all' or a list of ints")
-    out = sorted({int(x) for x in layers})
+    items = list(layers) if isinstance(layers, Iterable) else [layers]  # one index
+    try:
+        if any(isinstance(x, bool) for x in items):
+            raise TypeError
+        out = sorted({operator.index(x) for x in items})
+    except TypeError:
+        raise HookError(f"layers={layers!r} is not valid; pass 'all' or a list of whole layer indices") from None
     for layer in out:
         if not 0 <= layer < n:
             raise HookError(

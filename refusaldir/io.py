@@ -1,14 +1,15 @@
 """Artifact I/O in one place: hashes, strict JSON, atomic files and atomic run folders.
 
 Every artifact refusaldir writes (directions, selection, guard, evaluation, audit, exported
-models) goes through these helpers, so a crash or a full disk never leaves a half-written
-file behind and two writers never interleave.
+models) goes through these helpers, so a crash, a signal or a full disk never leaves a
+half-written file behind and two writers never interleave.
 
-- :func:`atomic_write_text` / :func:`atomic_write_json` / :func:`atomic_write_bytes`: a
-  temporary file in the same folder, ``fsync``, then ``os.replace``.
+- :func:`atomic_write_files` (and ``atomic_write_text/json/bytes`` for one file): temporary
+  files in the same folder, ``fsync``, then ``os.replace`` of all of them or none.
 - :func:`staged_dir`: write a whole folder into a temporary sibling and swap it in at the end
-  (under :func:`folder_lock`), keeping the previous contents when anything fails.
-- :func:`to_jsonable` / :func:`dumps`: strict JSON (NaN/inf become ``null``, tensors lists).
+  (under :func:`folder_lock`, atomically where the OS can exchange two paths).
+- :func:`to_jsonable` / :func:`dumps`: strict JSON (NaN/inf become ``null``, tensors lists);
+  :func:`read_json` / :func:`loads_strict` read it back, rejecting ``NaN``/``Infinity``.
 
 Example:
     >>> import tempfile, pathlib
@@ -21,15 +22,19 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import math
 import os
 import shutil
+import signal
 import tempfile
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -37,9 +42,10 @@ from typing import Any
 from refusaldir.errors import ArtifactError
 
 __all__ = [
-    "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "commit_dir", "dumps",
-    "ensure_writable", "folder_lock", "make_tmp_dir", "prepare_out", "sha256_bytes",
-    "sha256_file", "staged_dir", "tmp_file_in", "to_jsonable", "versions",
+    "atomic_write_bytes", "atomic_write_files", "atomic_write_json", "atomic_write_text",
+    "commit_dir", "dumps", "ensure_writable", "field_error", "folder_lock", "loads_strict",
+    "make_tmp_dir", "prepare_out", "read_json", "sha256_bytes", "sha256_file",
+    "staged_dir", "tmp_file_in", "to_jsonable", "versions",
 ]
 
 VERSIONED_PACKAGES = ("refusaldir", "torch", "transformers", "transformer-lens", "safetensors")
@@ -60,15 +66,16 @@ def sha256_bytes(data: bytes | str) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
+def _version(pkg: str) -> str:
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def versions() -> dict[str, str]:
     """Installed versions of the packages that shape refusaldir's numbers."""
-    out = {}
-    for pkg in VERSIONED_PACKAGES:
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
+    return {pkg: _version(pkg) for pkg in VERSIONED_PACKAGES}
 
 
 # ----------------------------------------------------------------------------- JSON
@@ -94,6 +101,33 @@ def dumps(o: Any, *, indent: int | None = 2, **kwargs: Any) -> str:
     return json.dumps(to_jsonable(o), indent=indent, allow_nan=False, **kwargs)
 
 
+def _reject_constant(token: str) -> Any:
+    raise ValueError(f"non-finite number {token} (strict JSON has none)")
+
+
+def loads_strict(text: str, source: str | os.PathLike[str], fix: str) -> Any:
+    """Parse strict JSON (``NaN``/``Infinity`` rejected); errors name ``source`` and ``fix``."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except ValueError as exc:
+        raise ArtifactError(f"{source} is not valid JSON ({exc}); {fix}") from exc
+
+
+def read_json(path: str | os.PathLike[str], fix: str) -> Any:
+    """Read a strict JSON file; a missing, unreadable or invalid file is an :class:`ArtifactError`."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path} could not be read ({exc}); {fix}") from exc
+    return loads_strict(text, path, fix)
+
+
+def field_error(source: str | os.PathLike[str], name: str, got: Any, expected: str, fix: str) -> ArtifactError:
+    """The error for a saved field: the file, the field, the value found, what was expected."""
+    shown = repr(got) if len(repr(got)) <= 80 else repr(got)[:77] + "..."
+    return ArtifactError(f"{source}: {name} is {shown}, expected {expected}; {fix}")
+
+
 # ----------------------------------------------------------------------------- files
 def ensure_writable(folder: str | os.PathLike[str]) -> None:
     """Create ``folder`` if needed and check that files can be written into it."""
@@ -104,7 +138,8 @@ def ensure_writable(folder: str | os.PathLike[str]) -> None:
         probe.close()
     except OSError as exc:
         raise ArtifactError(
-            f"output folder {folder} is not writable ({exc.strerror or exc}); choose another --out"
+            f"cannot write to {folder}: the folder is not writable ({exc.strerror or exc}); "
+            "choose another --out"
         ) from exc
 
 
@@ -116,36 +151,22 @@ def tmp_file_in(folder: str | os.PathLike[str], name: str) -> Path:
 
 
 def _disk_error(path: Path, exc: OSError) -> ArtifactError:
-    why = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-    return ArtifactError(f"could not write {path} ({why}); free space or choose another --out")
+    why = (exc.strerror or str(exc)) + (": the disk is full" if exc.errno == errno.ENOSPC else "")
+    return ArtifactError(f"could not write {path} ({why}); its previous contents are unchanged — "
+                         "free space or choose another --out")
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place."""
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None] | bytes) -> Path:
+    """Run ``write(tmp)`` on a temporary sibling of ``path`` (or write those bytes), then rename
+    it into place (see :func:`atomic_write_files`)."""
     path = Path(path)
-    ensure_writable(path.parent)
-    tmp = tmp_file_in(path.parent, path.name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        _open_mode(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise _disk_error(path, exc) from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_files(path.parent, {path.name: write}, lock=False)
     return path
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically."""
-    def write(tmp: Path) -> None:
-        tmp.write_bytes(data)
-
-    return atomic_write(path, write)
+    return atomic_write(path, data)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
@@ -158,11 +179,53 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     return atomic_write_text(path, dumps(obj))
 
 
+def atomic_write_files(folder: str | os.PathLike[str],
+                       files: Mapping[str, bytes | Callable[[Path], None]], *, lock: bool = True) -> Path:
+    """Write several files (bytes, or ``write(tmp_path)`` functions) into ``folder`` as one unit:
+    each goes to a flushed temporary sibling; only when all are complete are they renamed into
+    place, in the order given. On any error, full disk or signal nothing is renamed and no
+    temporary file is left. Other files are untouched. ``lock=False``: the caller holds
+    :func:`folder_lock`."""
+    out = Path(folder)
+    tmps: dict[str, Path] = {}
+    with folder_lock(out) if lock else contextlib.nullcontext():
+        ensure_writable(out)
+        name = ""
+        try:
+            for name, body in files.items():
+                tmp = tmps[name] = tmp_file_in(out, name)
+                if callable(body):
+                    body(tmp)
+                else:
+                    tmp.write_bytes(body)
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                _open_mode(tmp)
+            with _signals_deferred():
+                for name, tmp in tmps.items():
+                    os.replace(tmp, out / name)
+        except OSError as exc:
+            raise _disk_error(out / name, exc) from exc
+        finally:
+            for tmp in tmps.values():
+                tmp.unlink(missing_ok=True)
+    return out
+
+
+def _umask() -> int:
+    """The process umask, read without setting it (``os.umask`` would, for every thread)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _open_mode(path: Path) -> None:
     """Temporary files and folders are private (0600/0700); give results the usual modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
 
 
 # ----------------------------------------------------------------------------- folders
@@ -172,10 +235,8 @@ def prepare_out(out: str | os.PathLike[str], force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"{out} exists and is a file, not a folder; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise ArtifactError(
-            f"output folder {out} already exists; pass --force (force=True) to replace it, or "
-            "choose another --out (an empty folder is fine)"
-        )
+        raise ArtifactError(f"output folder {out} already exists; pass --force (force=True) to "
+                            "replace it, or choose another --out (an empty folder is fine)")
 
 
 def make_tmp_dir(parent: str | os.PathLike[str], name: str) -> Path:
@@ -185,9 +246,8 @@ def make_tmp_dir(parent: str | os.PathLike[str], name: str) -> Path:
         parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=parent))
     except OSError as exc:
-        raise ArtifactError(
-            f"cannot write to {parent} ({exc.strerror or exc}); choose a writable --out folder"
-        ) from exc
+        raise ArtifactError(f"cannot write to {parent} ({exc.strerror or exc}); choose a writable "
+                            "--out folder") from exc
 
 
 @contextlib.contextmanager
@@ -197,15 +257,16 @@ def folder_lock(target: str | os.PathLike[str]) -> Iterator[None]:
     A second writer waits. The lock file is removed on release (a waiter that locked the
     removed file notices and locks the new one), and a crash never leaves a lock held.
     """
-    target = Path(target)
+    target = _norm(target)
     ensure_writable(target.parent)
     lock = target.parent / f".{target.name}.lock"
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            if os.path.exists(lock) and os.path.samestat(os.fstat(fd), os.stat(lock)):
-                break
+            with contextlib.suppress(FileNotFoundError):  # removed meanwhile: try again
+                if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                    break
         except BaseException:
             os.close(fd)
             raise
@@ -219,43 +280,91 @@ def folder_lock(target: str | os.PathLike[str]) -> Iterator[None]:
         os.close(fd)
 
 
-def commit_dir(tmp: Path, target: Path, *, replace: bool = True) -> None:
-    """Move the finished folder ``tmp`` to ``target``.
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT/SIGTERM arriving in the block are re-raised when it ends (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    saved: dict[int, Any] = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            saved[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+        yield
+    finally:
+        for num, handler in saved.items():
+            signal.signal(num, handler if handler is not None else signal.SIG_DFL)
+        for num in dict.fromkeys(caught):
+            signal.raise_signal(num)
 
-    ``replace=False``: when ``target`` already exists (another process won) ``tmp`` is
-    discarded. Otherwise the old ``target`` is moved aside first and restored if the final
-    rename fails.
-    """
+
+@functools.cache
+def _renameat2() -> Any:
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``RENAME_EXCHANGE``); ``False`` where unsupported."""
+    fn = _renameat2()
+    if fn is not None and fn(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0:  # AT_FDCWD
+        return True
+    code = ctypes.get_errno() if fn is not None else errno.ENOSYS
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def commit_dir(tmp: Path, target: Path, *, replace: bool = True) -> None:
+    """Move the finished folder ``tmp`` to ``target`` (signals wait until it is done).
+
+    ``replace=False``: an existing ``target`` (another process won) is kept, ``tmp`` dropped.
+    Otherwise an existing ``target`` is swapped with ``tmp`` in one atomic step, or, where the
+    OS cannot, moved aside first and restored if the final rename fails."""
     for path in [tmp, *tmp.rglob("*")]:
         _open_mode(path)
-    if target.exists() and not replace:
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    trash = None
-    if target.exists():
+    with _signals_deferred():
+        if not target.exists():
+            try:
+                os.replace(tmp, target)
+                return
+            except OSError:
+                if not target.exists():
+                    raise
+        if not replace:  # another writer got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        if _exchange(tmp, target):
+            shutil.rmtree(tmp, ignore_errors=True)  # now the old contents
+            return
         trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-        os.replace(target, trash / "old")
-    try:
-        os.replace(tmp, target)
-    except OSError:
-        if trash is not None and not target.exists():
-            os.replace(trash / "old", target)
-        raise
-    finally:
-        if trash is not None:
+        try:
+            os.replace(target, trash / "old")
+            os.replace(tmp, target)
+        except BaseException:
+            if (trash / "old").exists() and not target.exists():
+                os.replace(trash / "old", target)
+            raise
+        finally:
             shutil.rmtree(trash, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def staged_dir(
-    target: str | os.PathLike[str], *, force: bool = False, keep: tuple[str, ...] = ()
+    target: str | os.PathLike[str], *, force: bool = False, keep: tuple[str, ...] = (),
+    locked: bool = False,
 ) -> Iterator[Path]:
     """Write a run folder into a temporary sibling and swap it in whole when the block ends.
 
-    The block gets the temporary folder. Files named in ``keep`` that already exist in
-    ``target`` are copied into it first (e.g. the directions beside a new ``selection.json``).
-    On any error, signal or full disk the temporary folder is removed and ``target`` keeps
-    its previous contents. Writers of the same ``target`` are serialised by a lock file.
+    ``target`` is checked (:func:`prepare_out`) before the block and again under
+    :func:`folder_lock` just before the swap, so writers never interleave and one that
+    finished meanwhile is not clobbered without ``force``. Files in ``keep`` that exist in
+    ``target`` and not in the new folder are copied over. On any error, signal or full disk
+    ``target`` keeps its previous contents. ``locked=True``: the caller holds the lock and
+    has decided to replace ``target`` (no checks).
 
     Example:
         >>> import tempfile, pathlib
@@ -265,19 +374,26 @@ def staged_dir(
         >>> (out / "a.txt").read_text()
         'hi'
     """
-    target = Path(target)
-    with folder_lock(target):
+    target = _norm(target)
+    if not locked:
         prepare_out(target, force)
-        tmp = make_tmp_dir(target.parent, target.name)
-        try:
+    tmp = make_tmp_dir(target.parent, target.name)
+    try:
+        yield tmp
+        with contextlib.nullcontext() if locked else folder_lock(target):
+            if not locked:
+                prepare_out(target, force)
             for name in keep:
-                if (target / name).is_file():
+                if (target / name).is_file() and not (tmp / name).exists():
                     shutil.copy2(target / name, tmp / name)
-            yield tmp
             commit_dir(tmp, target)
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise _disk_error(target, exc) from exc
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    except OSError as exc:
+        raise _disk_error(target, exc) from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _norm(target: str | os.PathLike[str]) -> Path:
+    """``target`` as a path with a real last component (``.``/``..`` resolved)."""
+    path = Path(target).expanduser()
+    return path.resolve() if path.name in ("", ".", "..") else path

@@ -21,6 +21,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from refusaldir.batching import AUTO, BatchSize, BatchSizer, resolve_batch_size
+from refusaldir.data import check_prompts
 from refusaldir.errors import ConfigError
 from refusaldir.hooks import Appliable, applied_all
 
@@ -54,6 +55,8 @@ def first_token_logprobs(
 ) -> Float[Tensor, "batch vocab"]:
     """Log-probabilities (CPU, float32) of the first generated token; the LM head runs at
     the last position only."""
+    texts = check_prompts(prompts, "prompts", single=True)
+    model.template.check_lengths(texts)
     sizer = BatchSizer(batch_size, model)
     decoder = decoder_of(model)
 
@@ -63,7 +66,7 @@ def first_token_logprobs(
         return torch.log_softmax(final_logits(model, hidden), dim=-1).cpu()
 
     with applied_all(model, interventions), torch.inference_mode():
-        rows = [out for _, _, out in sizer.map(list(prompts), run)]
+        rows = [out for _, _, out in sizer.map(texts, run)]
     if not rows:
         raise ConfigError("first_token_logprobs got no prompts; pass at least one")
     return torch.cat(rows)
@@ -140,6 +143,13 @@ def completion_loss(
     batch_size: BatchSize = AUTO,
 ) -> dict[str, float]:
     """Token-weighted cross-entropy of ``completions`` given their prompts (teacher forcing)."""
+    prompts = check_prompts(prompts, "prompts", single=True)
+    completions = [completions] if isinstance(completions, str) else list(completions)
+    if len(completions) != len(prompts):
+        raise ConfigError(
+            f"completion_loss got {len(prompts)} prompts but {len(completions)} completions; "
+            "pass one completion per prompt"
+        )
     tok = model.tokenizer
     pad = model.template.pad_id
     bs = resolve_batch_size(batch_size, model)

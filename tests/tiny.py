@@ -82,7 +82,7 @@ def make_hf_model(arch: str = "qwen2", vocab_size: int = 400, seed: int = 0, **o
     torch.manual_seed(seed)
     common = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         pad_token_id=None,
     )
     common.update(overrides)

@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -68,6 +69,8 @@ class AuditConfig:
     select_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.conditions, str):  # "baseline,ablate" as on the command line
+            self.conditions = tuple(c.strip() for c in self.conditions.split(",") if c.strip())
         self.conditions = tuple(self.conditions)
         self._check_choices()
         self._check_counts()
@@ -76,8 +79,8 @@ class AuditConfig:
         bad_opts = sorted(set(self.select_options) - known)
         if bad_opts:
             raise ConfigError(f"unknown selection option(s) {bad_opts}; see refusaldir.select.SelectionConfig")
-        if self.add_coeff is not None and not math.isfinite(self.add_coeff):
-            raise ConfigError(f"add_coeff={self.add_coeff} is not finite; pass a number or None to calibrate")
+        if self.add_coeff is not None and (not _real(self.add_coeff) or not math.isfinite(self.add_coeff)):
+            raise ConfigError(f"add_coeff={self.add_coeff!r} is not a finite number; pass a number or None to calibrate")
 
     def _check_choices(self) -> None:
         if self.mode not in MODES:
@@ -92,6 +95,10 @@ class AuditConfig:
 
     def _check_counts(self) -> None:
         check_batch_size(self.batch_size)
+        for name in (*_POSITIVE, *_POSITIVE_OR_NONE, "n_samples", "seed"):
+            v = getattr(self, name)
+            if not (v is None and name in _POSITIVE_OR_NONE) and not _whole(v):
+                raise ConfigError(f"{name}={v!r} must be a whole number")
         for name in _POSITIVE:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
@@ -101,8 +108,15 @@ class AuditConfig:
                 raise ConfigError(f"{name}={v} must be >= 1 (or None for no limit)")
         if self.n_samples < 0:
             raise ConfigError(f"n_samples={self.n_samples} must be >= 0")
+        if self.guard_layers is not None and (
+                isinstance(self.guard_layers, (str, bytes)) or not all(_whole(x) for x in self.guard_layers)):
+            raise ConfigError(f"guard_layers={self.guard_layers!r} must be a list of layer indices (or None)")
 
     def _check_thresholds(self) -> None:
+        for name in ("refusal_threshold", "target_fpr", "kl_threshold", "min_residual"):
+            v = getattr(self, name)
+            if not _real(v) or not math.isfinite(v):
+                raise ConfigError(f"{name}={v!r} must be a finite number")
         for name in ("refusal_threshold", "target_fpr"):
             v = getattr(self, name)
             if not 0 <= v < 1:
@@ -123,6 +137,14 @@ class AuditConfig:
         return d
 
 
+def _whole(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def resolve_config(config: AuditConfig | None, overrides: dict[str, Any]) -> AuditConfig:
     """``config`` updated with keyword ``overrides`` (or a new one built from them).
 
@@ -130,9 +152,9 @@ def resolve_config(config: AuditConfig | None, overrides: dict[str, Any]) -> Aud
         >>> resolve_config(None, {"limit": 8}).limit
         8
     """
-    if config is None:
-        return AuditConfig(**overrides)
     unknown = sorted(set(overrides) - {f.name for f in fields(AuditConfig)})
     if unknown:
         raise ConfigError(f"unknown audit setting(s) {unknown}; see AuditConfig")
+    if config is None:
+        return AuditConfig(**overrides)
     return replace(config, **overrides)

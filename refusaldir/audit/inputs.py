@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from refusaldir.audit.config import SETS, AuditConfig
-from refusaldir.data import PromptSet, as_prompt_list, load_prompts
+from refusaldir.data import PromptSet, check_prompts, load_prompts
 from refusaldir.directions import DirectionSet
 from refusaldir.errors import ArtifactError, ConfigError
 from refusaldir.io import prepare_out
@@ -75,17 +75,22 @@ def prompt_set(prompts: Sequence[str] | None, name: str, split: str | None) -> P
         return load_prompts(name, split)
     if isinstance(prompts, PromptSet):
         return prompts
-    return PromptSet(as_prompt_list(prompts, f"audit ({name} {split or ''})"))
+    return PromptSet(check_prompts(prompts, f"{name}_{split}" if split else name))
 
 
 def _test_sets(datasets: Mapping[str, Sequence[str]] | None) -> dict[str, PromptSet]:
     if datasets is None:
         return {"harmful": load_prompts("harmful", "test"), "harmless": load_prompts("harmless", "test"),
                 "borderline": load_prompts("borderline")}
+    if not isinstance(datasets, Mapping):
+        raise ConfigError(
+            f"datasets has type {type(datasets).__name__}; pass a dict of harmful, harmless and "
+            "borderline prompts"
+        )
     missing = [s for s in SETS if s not in datasets]
     if missing:
         raise ConfigError(f"datasets lacks {missing}; pass harmful, harmless and borderline prompts")
-    return {s: p if isinstance(p := datasets[s], PromptSet) else PromptSet(as_prompt_list(p, f"audit ({s})"))
+    return {s: p if isinstance(p := datasets[s], PromptSet) else PromptSet(check_prompts(p, f"datasets[{s!r}]"))
             for s in SETS}
 
 
@@ -137,4 +142,9 @@ def gather_inputs(
     tests = _test_sets(datasets)
     cap = {s: [str(p) for p in tests[s]][: cfg.capture_limit] for s in SETS}
     reused = None if selection is None else _reuse_selection(selection, ds, model)
+    tpl = model.template  # every prompt must fit the context window before any work
+    tpl.check_lengths(h_val, reserve=cfg.max_new_tokens, what="harmful_val")
+    tpl.check_lengths(l_val, reserve=cfg.max_new_tokens, what="harmless_val")
+    for s in SETS:
+        tpl.check_lengths(list(tests[s])[: cfg.limit], reserve=cfg.max_new_tokens, what=f"{s} test prompts")
     return AuditInputs(ds, source, h_val, l_val, tests, cap, reused)

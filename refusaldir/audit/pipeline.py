@@ -12,8 +12,9 @@ writes a folder with
 - ``directions/`` (the direction set with the selection recorded), ``selection.json``,
   ``evaluation/`` (``results.json``, ``completions.jsonl``, ``results.md``) and ``guard/``.
 
-The folder is written into a temporary sibling and moved into place at the end, so a failed
-audit leaves nothing behind. Verdict rules: :mod:`refusaldir.audit.verdict`; concentration:
+The folder is written into a temporary sibling and swapped into place at the end under a lock
+file (:func:`refusaldir.io.staged_dir`), so a failed or interrupted audit, or a full disk,
+leaves nothing behind and any previous report intact. Verdict rules: :mod:`refusaldir.audit.verdict`; concentration:
 :func:`~refusaldir.audit.concentration_curve`.
 
 Example:
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -58,11 +58,12 @@ from refusaldir.audit.summary import (
     selection_summary,
 )
 from refusaldir.audit.verdict import headline_markdown, verdict
+from refusaldir.data import check_prompts
 from refusaldir.directions import DirectionSet, extract
 from refusaldir.errors import ArtifactError, ConfigError
 from refusaldir.evaluate import EvaluationResult, build_conditions, evaluate
 from refusaldir.guard import LatentGuard
-from refusaldir.io import atomic_write_text, commit_dir, dumps, make_tmp_dir, to_jsonable
+from refusaldir.io import atomic_write_files, atomic_write_text, dumps, staged_dir, to_jsonable
 from refusaldir.models import ChatModel, load_model
 from refusaldir.select import SelectionResult, select_direction
 from refusaldir.version import __version__
@@ -99,10 +100,10 @@ class AuditReport:
         return headline_markdown(self.data)
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
-        """Write ``report.json`` and ``report.html`` into ``folder`` (each atomically)."""
+        """Write ``report.html`` and ``report.json`` into ``folder`` as one unit
+        (:func:`refusaldir.io.atomic_write_files`)."""
         out = Path(folder)
-        atomic_write_text(out / REPORT_JSON, dumps(self.data))
-        atomic_write_text(out / REPORT_HTML, self.html())
+        atomic_write_files(out, {REPORT_HTML: self.html().encode(), REPORT_JSON: dumps(self.data).encode()})
         return out / REPORT_HTML
 
     @classmethod
@@ -349,23 +350,20 @@ def audit(
     cfg = resolve_config(config, overrides)
     target = Path(out).expanduser()
     check_out(target, force)  # fail before any heavy work
+    harmful_train = None if harmful_train is None else check_prompts(harmful_train, "harmful_train")
+    harmless_train = None if harmless_train is None else check_prompts(harmless_train, "harmless_train")
     con = (console if console is not None else Console(stderr=True)) if progress else None
     cm: ChatModel = model if hasattr(model, "template") else load_model(model)  # type: ignore[assignment]
     inp = gather_inputs(cm, cfg, directions=directions, selection=selection, harmful_val=harmful_val,
                         harmless_val=harmless_val, datasets=datasets)
     st = _Stages(con, 6 + (inp.ds is None) + (inp.reused is None))
-    tmp = make_tmp_dir(target.parent, target.name)
-    try:
+    with staged_dir(target, force=force) as tmp:
         run = _Run(cm, cfg, inp, tmp, progress)
         measured = _run_stages(run, st, harmful_train, harmless_train)
         with st.stage("report", "writing report.json and report.html"):
             data = _report_data(run, measured, {**st.timings, "total": st.total_seconds()})
             report = AuditReport(data, target, measured.ds, measured.selection, measured.res, measured.guard)
             report.save(tmp)
-        commit_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if con is not None:
         con.print(f"[bold green]audit written:[/] {target / REPORT_HTML} "
                   f"({data['timings']['total']:.0f}s)", highlight=False)

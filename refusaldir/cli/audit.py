@@ -11,7 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,6 +25,7 @@ from refusaldir.cli.common import (
     JsonOpt,
     ModelOptions,
     app,
+    check_writable,
     err,
     friendly,
     load_prompt_set,
@@ -34,17 +34,17 @@ from refusaldir.cli.common import (
     parse_layers,
     print_json,
 )
+from refusaldir.cli.outputs import check_apart, default_run
 from refusaldir.directions import DirectionSet
 from refusaldir.errors import ConfigError, PromptFileError
-from refusaldir.guard import LatentGuard
-from refusaldir.io import prepare_out
+from refusaldir.guard import GUARD_METHODS, LatentGuard
+from refusaldir.io import prepare_out, staged_dir
 
 __all__: list[str] = []
 
 
 def _default_out(model: str) -> Path:
-    name = Path(model.rstrip("/")).name.removesuffix(".gguf") or "model"
-    return Path("runs") / re.sub(r"[^A-Za-z0-9._-]+", "-", name) / "audit"
+    return default_run(model) / "audit"
 
 
 @app.command("audit")
@@ -57,7 +57,7 @@ def audit_cmd(
     directions: Annotated[Path | None, typer.Option(help="reuse a direction folder from `refusaldir extract` (must match the model's weights)")] = None,
     selection: Annotated[Path | None, typer.Option(help="reuse a selection.json for --directions instead of selecting again")] = None,
     mode: Annotated[str, typer.Option(help="direction selection: cosine (output-free: needs no refusal tokens), fast (quickest: successive halving on bypass), or exact")] = "cosine",
-    limit: Annotated[int, typer.Option(help="prompts per test set for the generation-based evaluation (0 = all)")] = 32,
+    limit: Annotated[int, typer.Option(min=0, help="prompts per test set for the generation-based evaluation (0 = all)")] = 32,
     max_new_tokens: Annotated[int, typer.Option(help="tokens generated per prompt")] = 48,
     n_val: Annotated[int, typer.Option(help="validation prompts per class for selection and calibration")] = 32,
     conditions: Annotated[str, typer.Option(help="comma-separated conditions to evaluate")] = "baseline,ablate,add,ortho",
@@ -81,6 +81,8 @@ def audit_cmd(
     )
     target = out_dir if out_dir is not None else _default_out(mo.model)
     prepare_out(target.expanduser(), force)  # fail before loading the model
+    check_writable(target)
+    check_apart(target, directions, example="audit")
     cm = mo.load()
     rep = audit(cm, target, directions=directions, selection=selection, config=cfg, force=force,
                 progress=not as_json, console=err)
@@ -107,15 +109,16 @@ def guard_cmd(
     harmful_val: Annotated[str, typer.Option(help="harmful calibration prompts")] = "harmful:val",
     harmless_val: Annotated[str, typer.Option(help="harmless calibration prompts")] = "harmless:val",
     save: Annotated[Path | None, typer.Option(help="save the fitted guard to this folder")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing --save folder")] = False,
     column: ColumnOpt = None,
-    limit: Annotated[int | None, typer.Option(help="classify at most this many prompts from --prompts")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="classify at most this many prompts from --prompts")] = None,
     batch_size: BatchOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Flag harmful prompts from the model's own harmfulness representation at t_inst."""
     items: list[str] = [t for t in (texts or [])]
     if prompts is not None:
-        items += list(load_prompt_set(prompts, column, limit))
+        items += list(load_prompt_set(prompts, column, limit, "--prompts"))
     if not items:
         raise PromptFileError(
             "no prompts to classify; pass them as arguments (refusaldir guard \"PROMPT\" …) or with "
@@ -126,6 +129,17 @@ def guard_cmd(
         raise PromptFileError(f"prompt #{blank[0] + 1} is empty; remove empty prompts")
     if guard is None and directions is None:
         raise ConfigError("guard needs --directions RUN_FOLDER (to fit a guard) or --guard GUARD_FOLDER")
+    if method not in GUARD_METHODS:
+        raise ConfigError(f"--method {method!r} is not one of {', '.join(GUARD_METHODS)}")
+    if not 0 <= target_fpr < 1:
+        raise ConfigError(f"--target-fpr {target_fpr} must be in [0, 1), e.g. 0.05")
+    guard_layers = parse_layers(layers) if layers else None
+    if save is not None:
+        prepare_out(save.expanduser(), force)  # an existing guard is never replaced silently
+        check_writable(save, "--save")
+        check_apart(save, directions, "--save", "guard")
+    val_sets = None if guard is not None else (list(load_prompt_set(harmful_val, None, None, "--harmful-val")),
+                                               list(load_prompt_set(harmless_val, None, None, "--harmless-val")))
     saved = LatentGuard.load(guard) if guard is not None else None
     cm = mo.load()
     if saved is not None:
@@ -133,12 +147,12 @@ def guard_cmd(
         g.check_model(cm)
     else:
         ds = DirectionSet.load(directions)  # type: ignore[arg-type]
-        g = LatentGuard.fit(cm, ds, list(load_prompt_set(harmful_val, None, None)),
-                            list(load_prompt_set(harmless_val, None, None)),
-                            layers=parse_layers(layers) if layers else None, method=method,
+        assert val_sets is not None
+        g = LatentGuard.fit(cm, ds, *val_sets, layers=guard_layers, method=method,
                             target_fpr=target_fpr, batch_size=batch_size, progress=not as_json)
         if save is not None:
-            g.save(save)
+            with staged_dir(save, force=force) as tmp:
+                g.save(tmp)
     scores = g.score(cm, items, batch_size=batch_size, progress=not as_json)
     flags = (scores > g.threshold).tolist()
     if as_json:

@@ -20,10 +20,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
-import json
 import logging
 import os
-import re
 import traceback
 import typing
 import warnings
@@ -36,22 +34,43 @@ from typing import Annotated, Any, TypeVar
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from refusaldir.cli.failures import (
+    CliGroup,
+    check_finite,
+    cli_message,
+    environment_error,
+    option_flags,
+    warning_lines,
+)
+from refusaldir.cli.outputs import sigterm_exits
+from refusaldir.cli.parsing import (
+    check_writable,
+    parse_add,
+    parse_batch_size,
+    parse_device_map,
+    parse_ints,
+    parse_layers,
+    parse_max_memory,
+)
 from refusaldir.data import SHIPPED, PromptSet, load_dataset, load_prompts
 from refusaldir.directions import DirectionSet
-from refusaldir.errors import ConfigError, RefusalDirError, TemplateError
+from refusaldir.errors import ConfigError, PromptFileError, RefusalDirError, TemplateError
 from refusaldir.io import dumps
-from refusaldir.models import ChatModel, load_model
+from refusaldir.models import ChatModel, load_model, resolve_device, resolve_dtype
 from refusaldir.steer import default_layer
 
 __all__ = [
     "BatchOpt", "ColumnOpt", "DeviceOpt", "DtypeOpt", "ForceOpt", "JsonOpt", "LayerOpt", "ModelOpt",
     "ModelOptions", "PosOpt", "SystemOpt", "TemplateOpt", "app", "direction_layer", "direction_pos", "err",
-    "friendly", "model_options", "parse_batch_size", "parse_device_map", "parse_max_memory", "load_dataset_arg", "load_directions", "load_prompt_set", "out", "parse_ints",
+    "check_writable", "friendly", "model_options", "parse_add", "parse_batch_size", "parse_device_map",
+    "parse_max_memory", "load_dataset_arg", "load_directions", "load_prompt_set", "out", "parse_ints",
     "parse_layers", "print_json", "quiet_libraries", "torch_threads",
 ]
 
 app = typer.Typer(
+    cls=CliGroup,
     help="Refusal-direction interpretability for Hugging Face chat models.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -70,21 +89,6 @@ SystemOpt = Annotated[str | None, typer.Option(help="system message (default: th
 TemplateOpt = Annotated[Path | None, typer.Option(help="Jinja chat template file for models without one")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON instead of a table")]
 ColumnOpt = Annotated[str | None, typer.Option(help="prompt column in CSV/JSON files")]
-def parse_batch_size(value: str | int) -> int | str:
-    """``--batch-size``: ``auto`` or a positive integer.
-
-    Example:
-        >>> parse_batch_size("8"), parse_batch_size("auto")
-        (8, 'auto')
-    """
-    text = str(value).strip().lower()
-    if text == "auto":
-        return "auto"
-    if not text.isdigit() or int(text) < 1:
-        raise typer.BadParameter(f"{value!r} is not 'auto' or an integer >= 1")
-    return int(text)
-
-
 BatchOpt = Annotated[str, typer.Option(
     callback=parse_batch_size, help="prompts per forward pass, or 'auto' (largest that fits: 16 on CPU, more on a GPU, halved on out-of-memory)")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="replace an existing --out folder")]
@@ -182,25 +186,35 @@ def print_json(obj: Any, *, indent: int | None = 2, **kwargs: Any) -> None:
 
 
 def friendly(fn: F) -> F:
-    """Wrap a command: library noise scoped to it, user mistakes as one red ``error:`` line
-    with exit status 1 (see the module docstring), Ctrl-C as ``interrupted`` with status 130."""
+    """Wrap a command: library noise scoped to it, user mistakes and faults of the environment
+    (full disk, out of memory, …) as one red ``error:`` line naming the command's options
+    (see :mod:`refusaldir.cli.failures`) with exit status 1, Ctrl-C as ``interrupted`` with
+    status 130, warnings as yellow ``warning:`` lines. Float options must be finite."""
+    flags = option_flags(fn)
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         verbose = _VERBOSE.get()
         try:
-            with quiet_libraries(), _library_logs(verbose):
+            with quiet_libraries(), _library_logs(verbose), warning_lines(err), sigterm_exits():
+                check_finite(kwargs, flags)
                 return fn(*args, **kwargs)
-        except RefusalDirError as exc:
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (outputs.Terminated)
+            err.print(f"[bold red]{getattr(exc, 'label', 'interrupted')}[/]")
+            raise typer.Exit(getattr(exc, "exit_code", 130)) from None
+        except (typer.Exit, typer.Abort, typer.TyperException, BrokenPipeError):  # `| head`: quiet
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one line (-v: traceback)
+            known = exc if isinstance(exc, RefusalDirError) else environment_error(exc)
             if verbose:
                 err.print(traceback.format_exc().rstrip(), markup=False, highlight=False, soft_wrap=True)
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            message = " ".join(cli_message(str(known), flags).split()) if known is not None else (
+                f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())}. This is a refusaldir bug or an input it "
+                "does not check yet; rerun with `refusaldir -v …` for the traceback and report it")
+            err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             if kwargs.get("as_json"):
-                print_json({"error": str(exc), "type": type(exc).__name__}, indent=None)
+                print_json({"error": message, "type": type(known or exc).__name__}, indent=None)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            err.print("[bold red]interrupted[/]")
-            raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -212,6 +226,8 @@ MaxMemoryOpt = Annotated[str | None, typer.Option(
     "--max-memory", help="per-device caps for --device-map, e.g. '0=70GiB,1=70GiB,cpu=200GiB'")]
 OffloadOpt = Annotated[Path | None, typer.Option(
     "--offload-folder", help="folder for weights --device-map puts on 'disk'")]
+TruncateOpt = Annotated[bool, typer.Option(
+    "--truncate-prompts", help="cut prompts longer than the model's context window (the end of the instruction; the chat template is kept) instead of refusing them")]
 
 
 @dataclass(frozen=True)
@@ -226,25 +242,45 @@ class ModelOptions:
     device_map: str | None = None
     max_memory: str | None = None
     offload_folder: Path | None = None
+    truncate_prompts: bool = False
+
+    def template_text(self) -> str | None:
+        """The ``--chat-template`` file's text (``None`` without one), checked to be text."""
+        if self.chat_template is None:
+            return None
+        if not self.chat_template.is_file():
+            raise TemplateError(f"chat template file {self.chat_template} does not exist; check the path")
+        try:
+            text = self.chat_template.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError) as exc:
+            raise TemplateError(
+                f"chat template file {self.chat_template} is not readable UTF-8 text ({exc}); "
+                "pass a Jinja template file"
+            ) from exc
+        if "\x00" in text or not text.strip():
+            raise TemplateError(
+                f"chat template file {self.chat_template} is {'binary' if text.strip() else 'empty'}; "
+                "pass a Jinja chat template (text)"
+            )
+        return text
+
+    def check(self) -> None:
+        """Validate every model option (device, dtype, placement, template file) before any work."""
+        dev = resolve_device(self.device if self.device_map is None else (self.device or "cpu"))
+        resolve_dtype(self.dtype, dev)
+        parse_device_map(self.device_map)
+        parse_max_memory(self.max_memory)
+        self.template_text()
 
     def load(self) -> ChatModel:
         """:func:`refusaldir.models.load_model` from these options (a spinner while it loads)."""
-        tpl = None
-        if self.chat_template is not None:
-            if not self.chat_template.is_file():
-                raise TemplateError(f"chat template file {self.chat_template} does not exist; check the path")
-            try:
-                tpl = self.chat_template.read_text(encoding="utf-8")
-            except (UnicodeDecodeError, OSError) as exc:
-                raise TemplateError(
-                    f"chat template file {self.chat_template} is not readable UTF-8 text ({exc}); "
-                    "pass a Jinja template file"
-                ) from exc
+        tpl = self.template_text()
         with err.status(f"loading {self.model} …"):
             return load_model(
                 self.model, device=self.device, dtype=self.dtype, system_prompt=self.system_prompt,
                 chat_template=tpl, device_map=parse_device_map(self.device_map),
                 max_memory=parse_max_memory(self.max_memory), offload_folder=self.offload_folder,
+                truncate_prompts=self.truncate_prompts,
             )
 
 
@@ -257,13 +293,15 @@ _MODEL_PARAMS = [
     inspect.Parameter("device_map", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=DeviceMapOpt),
     inspect.Parameter("max_memory", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=MaxMemoryOpt),
     inspect.Parameter("offload_folder", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=OffloadOpt),
+    inspect.Parameter("truncate_prompts", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=TruncateOpt),
 ]
 
 
 def model_options(fn: F) -> F:
     """Give a command the shared model options (``--model``, ``--device``, ``--dtype``,
     ``--system-prompt``, ``--chat-template``, ``--device-map``, ``--max-memory``,
-    ``--offload-folder``), defined once here, as one ``mo: ModelOptions`` argument."""
+    ``--offload-folder``, ``--truncate-prompts``), defined once here, as one
+    ``mo: ModelOptions`` argument, checked (:meth:`ModelOptions.check`) before the command runs."""
     sig = inspect.signature(fn)
     hints = typing.get_type_hints(fn, include_extras=True)  # resolved in fn's own module
     own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation))
@@ -273,6 +311,7 @@ def model_options(fn: F) -> F:
     @wraps(fn)
     def wrapper(**kwargs: Any) -> Any:
         mo = ModelOptions(**{k: kwargs.pop(k) for k in names})
+        mo.check()
         return fn(mo=mo, **kwargs)
 
     wrapper.__signature__ = sig.replace(parameters=[*own, *_MODEL_PARAMS], return_annotation=None)  # type: ignore[attr-defined]
@@ -282,88 +321,32 @@ def model_options(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def parse_device_map(text: str | None) -> str | dict[str, Any] | None:
-    """``auto``/``balanced``/``sequential`` or a JSON file mapping module names to devices."""
-    if text is None or text in ("auto", "balanced", "balanced_low_0", "sequential"):
-        return text
-    path = Path(text).expanduser()
-    if not path.is_file():
-        raise ConfigError(
-            f"--device-map {text!r} is neither 'auto', 'balanced', 'sequential' nor a JSON file; "
-            "pass one of those"
-        )
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as exc:
-        raise ConfigError(f"--device-map file {path} is not valid JSON ({exc}); fix the file") from exc
-    if not isinstance(value, dict) or not value:
-        raise ConfigError(f"--device-map file {path} must hold a JSON object {{module: device}}")
-    return value
-
-
-def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
-    """``'0=70GiB,1=70GiB,cpu=200GiB'`` → ``{0: '70GiB', 1: '70GiB', 'cpu': '200GiB'}``.
-
-    Example:
-        >>> parse_max_memory("0=70GiB,cpu=200GiB")
-        {0: '70GiB', 'cpu': '200GiB'}
-    """
-    if text is None:
-        return None
-    out: dict[int | str, str] = {}
-    for part in text.split(","):
-        key, sep, size = part.strip().partition("=")
-        if not sep or not key or not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", size.strip()):
-            raise ConfigError(
-                f"--max-memory part {part.strip()!r} is not DEVICE=SIZE; expected e.g. "
-                "'0=70GiB,1=70GiB,cpu=200GiB'"
-            )
-        out[int(key) if key.isdigit() else key] = size.strip()
-    return out
-
-
-def load_prompt_set(value: str, column: str | None, limit: int | None) -> PromptSet:
-    """``harmful`` / ``harmless:test`` / ``borderline`` name shipped sets; anything else is a path."""
+def load_prompt_set(value: str, column: str | None, limit: int | None, flag: str | None = None) -> PromptSet:
+    """``harmful`` / ``harmless:test`` / ``borderline`` name shipped sets; anything else is a path.
+    A problem with the file is reported under ``flag`` (the option that named it)."""
     name, _, split = value.partition(":")
-    if name in SHIPPED and not Path(value).exists():
-        return load_prompts(name, split or (None if name == "borderline" else "train"), limit=limit)
-    return load_prompts(value, column=column, limit=limit)
+    try:
+        if name in SHIPPED and not Path(value).exists():
+            return load_prompts(name, split or (None if name == "borderline" else "train"), limit=limit)
+        return load_prompts(value, column=column, limit=limit)
+    except PromptFileError as exc:
+        if flag is None:
+            raise
+        raise PromptFileError(f"{flag} {value}: {exc}") from exc
 
 
-def load_dataset_arg(value: str, fmt: str | None, column: str | None, limit: int | None) -> PromptSet:
+def load_dataset_arg(
+    value: str, fmt: str | None, column: str | None, limit: int | None, flag: str | None = None
+) -> PromptSet:
     """A shipped set name, or a file read with a benchmark loader when ``--dataset`` is given."""
     if fmt is None or value.partition(":")[0] in ("harmful", "harmless", "borderline"):
-        return load_prompt_set(value, column, limit)
-    return load_dataset(fmt, value, limit=limit)
-
-
-def parse_layers(text: str) -> list[int]:
-    """Parse ``"10,12,14"`` or ``"8-14"`` into layer indices.
-
-    Example:
-        >>> parse_layers("8-10,12")
-        [8, 9, 10, 12]
-    """
-    layers: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if m := re.fullmatch(r"(\d+)-(\d+)", part):
-            layers.extend(range(int(m[1]), int(m[2]) + 1))
-        elif re.fullmatch(r"-?\d+", part):
-            layers.append(int(part))
-        else:
-            raise ConfigError(f"{text!r} is not a list of layers; write e.g. '10,12,14' or '8-14'")
-    return layers
-
-
-def parse_ints(text: str | None, flag: str, example: str) -> list[int] | None:
-    """Comma-separated integers (``None`` stays ``None``); ``flag`` and ``example`` go into the error."""
-    if text is None:
-        return None
+        return load_prompt_set(value, column, limit, flag)
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"{flag} {text!r} must be comma-separated integers, e.g. {example}") from None
+        return load_dataset(fmt, value, limit=limit)
+    except PromptFileError as exc:
+        if flag is None:
+            raise
+        raise PromptFileError(f"{flag} {value}: {exc}") from exc
 
 
 @contextlib.contextmanager
@@ -382,12 +365,14 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def load_directions(path: Path | None, cm: ChatModel, needed_for: str) -> DirectionSet:
-    """The ``--directions`` folder, checked against the loaded model."""
+def load_directions(path: Path | None, cm: ChatModel, needed_for: str,
+                    allow_mismatch: bool = False) -> DirectionSet:
+    """The ``--directions`` folder, checked against the loaded model: shapes, layers and the
+    weights hash (unless ``--allow-model-mismatch``)."""
     if path is None:
         raise ConfigError(f"{needed_for} needs --directions RUN_FOLDER (from `refusaldir extract`)")
     ds = DirectionSet.load(path)
-    ds.check_model(cm)
+    ds.check_model(cm, strict_hash=not allow_mismatch)
     return ds
 
 

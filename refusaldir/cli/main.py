@@ -28,6 +28,7 @@ from refusaldir.cli.common import (
     ModelOptions,
     PosOpt,
     app,
+    check_writable,
     direction_layer,
     direction_pos,
     err,
@@ -37,17 +38,21 @@ from refusaldir.cli.common import (
     load_prompt_set,
     model_options,
     out,
+    parse_add,
     parse_ints,
     parse_layers,
     print_json,
     torch_threads,
 )
+from refusaldir.cli.outputs import AllowMismatchOpt, check_apart, default_run
+from refusaldir.cli.parsing import check_judge_spec
 from refusaldir.directions import extract as extract_directions
 from refusaldir.directions import layer_stats
 from refusaldir.errors import ConfigError
-from refusaldir.evaluate import NEEDS_DIRECTIONS, evaluate
+from refusaldir.evaluate import CONDITIONS, NEEDS_DIRECTIONS, evaluate
 from refusaldir.generation import generate
-from refusaldir.io import prepare_out
+from refusaldir.hooks import RESID_POINTS
+from refusaldir.io import prepare_out, staged_dir
 from refusaldir.judges import PhraseJudge
 from refusaldir.select import SelectionConfig, select_direction
 from refusaldir.steer import PROVENANCE_FILE, Ablation, Addition, Intervention, save_orthogonalized
@@ -60,13 +65,14 @@ __all__ = ["main"]
 @model_options
 def extract_cmd(
     mo: ModelOptions,
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="folder for directions.safetensors + metadata.json")] = Path("runs/demo"),
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="folder for directions.safetensors + metadata.json (default: runs/MODEL)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing --out folder whole (its selection, guard and evaluations too)")] = False,
     harmful: Annotated[str, typer.Option(help="harmful prompts: a file, or 'harmful' for the shipped train split")] = "harmful",
     harmless: Annotated[str, typer.Option(help="harmless prompts: a file, or 'harmless' for the shipped train split")] = "harmless",
     harmful_test: Annotated[str, typer.Option(help="held-out harmful prompts for AUROC")] = "harmful:test",
     harmless_test: Annotated[str, typer.Option(help="held-out harmless prompts for AUROC")] = "harmless:test",
     column: ColumnOpt = None,
-    limit: Annotated[int | None, typer.Option(help="use at most this many prompts per set")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="use at most this many prompts per set")] = None,
     layers: Annotated[str, typer.Option(help="'all' or comma-separated layer indices")] = "all",
     hook_point: Annotated[str, typer.Option(help="resid_pre, resid_mid or resid_post")] = "resid_pre",
     pos: Annotated[int, typer.Option(help="post-instruction position for the table (from the end)")] = -1,
@@ -75,7 +81,14 @@ def extract_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Extract per-layer refusal and harmfulness directions and report how well they separate."""
-    sets = {k: load_prompt_set(v, column, limit) for k, v in
+    out_dir = (out_dir if out_dir is not None else default_run(mo.model)).expanduser()
+    prepare_out(out_dir, force)  # an existing run (another model's?) is never replaced silently
+    check_writable(out_dir)  # every option is checked before the model loads
+    if pos >= 0:
+        raise ConfigError(f"--pos {pos} must be a negative offset from the end of the prompt, e.g. -1")
+    if hook_point not in RESID_POINTS:
+        raise ConfigError(f"--hook-point {hook_point!r} must be one of {', '.join(RESID_POINTS)}")
+    sets = {k: load_prompt_set(v, column, limit, "--" + k.replace("_", "-")) for k, v in
             dict(harmful=harmful, harmless=harmless, harmful_test=harmful_test, harmless_test=harmless_test).items()}
     layer_sel: Any = "all" if layers == "all" else parse_layers(layers)
     cm = mo.load()
@@ -86,7 +99,7 @@ def extract_cmd(
     ds.metadata["layer_stats"] = {"pos": pos, "rows": rows,
                                   "test_prompts": {"harmful": sets["harmful_test"].info(),
                                                    "harmless": sets["harmless_test"].info()}}
-    folder = ds.save(out_dir)
+    folder = ds.save(out_dir, overwrite=force)
     if as_json:
         print_json({"out": str(folder), "model": ds.metadata["model"], "positions": ds.positions,
                     "t_inst": ds.t_inst, "layers": rows})
@@ -106,17 +119,6 @@ def extract_cmd(
 
 
 # ------------------------------------------------------------ interventions (generate, orthogonalize)
-def _parse_add(spec: str) -> tuple[list[int], float]:
-    layers, sep, coeff = spec.rpartition(":")
-    if not sep or not layers:
-        raise ConfigError(f"--add {spec!r} must look like LAYER:COEFF, e.g. 13:4 or 10-14:2")
-    try:
-        c = float(coeff)
-    except ValueError:
-        raise ConfigError(f"--add {spec!r}: coefficient {coeff!r} is not a number; write e.g. 13:4") from None
-    return parse_layers(layers), c
-
-
 @app.command("generate")
 @friendly
 @model_options
@@ -128,14 +130,15 @@ def generate_cmd(
     add: Annotated[list[str] | None, typer.Option("--add", help="LAYER:COEFF adds COEFF × the raw refusal direction to resid_pre (e.g. 13:4, 10-14:2); repeatable")] = None,
     layer: LayerOpt = None,
     pos: PosOpt = None,
-    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate per prompt")] = 64,
-    batch_size: Annotated[int, typer.Option(help="prompts per batch")] = 16,
-    limit: Annotated[int | None, typer.Option(help="use at most this many prompts")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens to generate per prompt")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="prompts per batch")] = 16,
+    limit: Annotated[int | None, typer.Option(min=1, help="use at most this many prompts")] = None,
     column: ColumnOpt = None,
     sample: Annotated[bool, typer.Option("--sample", help="sample instead of greedy decoding")] = False,
     temperature: float = 1.0,
     seed: int = 0,
     judge: Annotated[bool, typer.Option(help="label each completion with the phrase refusal judge")] = True,
+    allow_model_mismatch: AllowMismatchOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Generate completions, optionally with the refusal direction ablated or added.
@@ -143,16 +146,20 @@ def generate_cmd(
     With --add LAYER:COEFF the direction comes from LAYER itself when a single layer is given
     (Arditi et al.'s activation addition); otherwise from --layer.
     """
-    texts = load_prompt_set(prompts, column, limit)
+    texts = load_prompt_set(prompts, column, limit, "--prompts")
+    adds = [parse_add(spec) for spec in add or []]  # checked before the model loads
+    if (ablate or add) and directions is None:
+        raise ConfigError("--ablate/--add needs --directions RUN_FOLDER (from `refusaldir extract`)")
+    if sample and not temperature > 0:
+        raise ConfigError(f"--temperature {temperature} must be > 0 with --sample")
     cm = mo.load()
     interventions: list[Intervention] = []
     if ablate or add:
-        ds = load_directions(directions, cm, "--ablate/--add")
+        ds = load_directions(directions, cm, "--ablate/--add", allow_model_mismatch)
         p = direction_pos(ds, pos)
         if ablate:
             interventions.append(Ablation(ds.refusal_direction(direction_layer(cm, ds, layer, as_json), p)))
-        for spec in add or []:
-            at, coeff = _parse_add(spec)
+        for at, coeff in adds:
             src = at[0] if len(at) == 1 and layer is None else direction_layer(cm, ds, layer, as_json)
             interventions.append(Addition(ds.refusal_direction(src, p), tuple(at), coeff))
     comps = generate(cm, list(texts), interventions, max_new_tokens=max_new_tokens,
@@ -197,6 +204,7 @@ def orthogonalize_cmd(
     layer: LayerOpt = None,
     pos: PosOpt = None,
     force: ForceOpt = False,
+    allow_model_mismatch: AllowMismatchOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Write a copy of the model with the refusal direction removed from its weights.
@@ -204,8 +212,12 @@ def orthogonalize_cmd(
     The folder loads with plain transformers.AutoModelForCausalLM.from_pretrained.
     """
     prepare_out(out_dir.expanduser(), force)  # fail before loading the model
+    check_writable(out_dir)
+    if directions is None:
+        raise ConfigError("orthogonalize needs --directions RUN_FOLDER (from `refusaldir extract`)")
+    check_apart(out_dir, directions, example="ortho")
     cm = mo.load()
-    ds = load_directions(directions, cm, "orthogonalize")
+    ds = load_directions(directions, cm, "orthogonalize", allow_model_mismatch)
     direction = ds.refusal_direction(direction_layer(cm, ds, layer, as_json), direction_pos(ds, pos))
     with err.status(f"writing {out_dir} …"):
         folder = save_orthogonalized(cm, direction, out_dir, directions=ds, force=force)
@@ -234,34 +246,50 @@ def evaluate_cmd(
     text: Annotated[Path | None, typer.Option(help="plain-text file: report each condition's cross-entropy on it")] = None,
     judge: Annotated[str, typer.Option(help="phrase, logit (first-token log-odds) or model:PATH")] = "phrase",
     add_coeff: Annotated[float | None, typer.Option(help="addition coefficient (default: calibrated for 80% induced refusal on harmless val)")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="tokens generated per prompt")] = 64,
-    batch_size: Annotated[int, typer.Option(help="prompts per batch")] = 16,
-    limit: Annotated[int | None, typer.Option(help="use at most this many prompts per dataset")] = None,
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="folder for results.json, completions.jsonl, results.md")] = Path("runs/demo/eval"),
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens generated per prompt")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="prompts per batch")] = 16,
+    limit: Annotated[int | None, typer.Option(min=1, help="use at most this many prompts per dataset")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="folder for results.json, completions.jsonl, results.md (default: runs/MODEL/eval)")] = None,
+    force: ForceOpt = False,
     column: ColumnOpt = None,
+    allow_model_mismatch: AllowMismatchOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Refusal and over-refusal rates (Wilson 95% CIs), KL and loss for each condition."""
+    out_dir = (out_dir if out_dir is not None else default_run(mo.model) / "eval").expanduser()
+    prepare_out(out_dir, force)  # an earlier evaluation is never replaced silently
+    check_apart(out_dir, directions)
     names = [c.strip() for c in conditions.split(",") if c.strip()]
+    unknown = [n for n in names if n not in CONDITIONS]
+    if unknown or not names:
+        raise ConfigError(f"--conditions {conditions!r}: unknown condition(s) {unknown}; choose from "
+                          f"{', '.join(CONDITIONS)}")
+    check_judge_spec(judge)
+    check_writable(out_dir)
     if any(n in NEEDS_DIRECTIONS for n in names) and directions is None:
         raise ConfigError(
             f"conditions {[n for n in names if n in NEEDS_DIRECTIONS]} need --directions RUN_FOLDER "
             "(from `refusaldir extract`)"
         )
-    sets = {"harmful": load_dataset_arg(harmful, dataset, column, limit),
-            "harmless": load_dataset_arg(harmless, None, column, limit)}
+    sets = {"harmful": load_dataset_arg(harmful, dataset, column, limit, "--harmful"),
+            "harmless": load_dataset_arg(harmless, None, column, limit, "--harmless")}
     if borderline:
-        sets["borderline"] = load_dataset_arg(borderline, dataset, column, limit)
+        sets["borderline"] = load_dataset_arg(borderline, dataset, column, limit, "--borderline")
     text_body = None
     if text is not None:
         if not text.is_file():
             raise ConfigError(f"text file {text} does not exist; check --text")
-        text_body = text.read_text(encoding="utf-8", errors="replace")
+        try:
+            text_body = text.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise ConfigError(f"--text {text} cannot be read ({exc.strerror or exc}); check the path") from None
     cm = mo.load()
-    ds = load_directions(directions, cm, "evaluate") if directions is not None else None
+    ds = load_directions(directions, cm, "evaluate", allow_model_mismatch) if directions is not None else None
     res = evaluate(cm, ds, conditions=names, datasets=sets, judge=judge, max_new_tokens=max_new_tokens,
                    batch_size=batch_size, add_coeff=add_coeff, text=text_body, progress=not as_json)
-    folder = res.save(out_dir)
+    with staged_dir(out_dir, force=force) as tmp:  # the three files replace the folder whole
+        res.save(tmp)
+    folder = out_dir
     if as_json:
         print_json(res.results, sort_keys=True)
         return
@@ -277,29 +305,31 @@ def evaluate_cmd(
 @model_options
 def select_cmd(
     mo: ModelOptions,
-    directions: Annotated[Path, typer.Option(help="direction folder from `refusaldir extract`; the choice is saved there")] = Path("runs/demo"),
+    directions: Annotated[Path | None, typer.Option(help="direction folder from `refusaldir extract` (default: runs/MODEL); the choice is saved there")] = None,
     mode: Annotated[str, typer.Option(help="exact (bypass/induce/KL sweep), cosine (output-free) or fast (exact on a shortlist from short bypass passes)")] = "exact",
     harmful_val: Annotated[str, typer.Option(help="harmful validation prompts (file or shipped set)")] = "harmful:val",
     harmless_val: Annotated[str, typer.Option(help="harmless validation prompts (file or shipped set)")] = "harmless:val",
-    n_val: Annotated[int, typer.Option(help="validation prompts used from each set")] = 32,
+    n_val: Annotated[int, typer.Option(min=1, help="validation prompts used from each set")] = 32,
     kl_max: Annotated[float, typer.Option(help="reject candidates whose ablation moves harmless first-token KL above this")] = 0.1,
     max_layer_frac: Annotated[float, typer.Option(help="reject candidates at layers >= this fraction of n_layers")] = 0.8,
     induce_min: Annotated[float, typer.Option(help="reject candidates whose addition leaves the harmless refusal log-odds <= this")] = 0.0,
     positions: Annotated[str | None, typer.Option(help="candidate positions, e.g. '-1,-5' (default: all post-instruction)")] = None,
     layers: Annotated[str | None, typer.Option(help="candidate layers, e.g. '8-16' (default: all)")] = None,
     refusal_tokens: Annotated[str | None, typer.Option(help="comma-separated token ids that start refusals (default: detected)")] = None,
-    top_k: Annotated[int, typer.Option(help="candidates listed (and KL-checked) besides the pick")] = 5,
-    bootstrap: Annotated[int, typer.Option(help="bootstrap resamples of the validation prompts (0: off)")] = 1000,
+    top_k: Annotated[int, typer.Option(min=1, help="candidates listed (and KL-checked) besides the pick")] = 5,
+    bootstrap: Annotated[int, typer.Option(min=0, help="bootstrap resamples of the validation prompts (0: off)")] = 1000,
     method: Annotated[str, typer.Option(help="shared (fast, same result) or naive (the straightforward loop)")] = "shared",
     fast_prompts: Annotated[int, typer.Option(help="fast mode: harmful prompts in the short bypass pass that ranks candidates")] = 8,
     fast_keep: Annotated[int, typer.Option(help="fast mode: KL-passing finalists scored on every validation prompt")] = 2,
     batch_size: BatchOpt = "auto",
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads (on a busy machine 1 can be much faster)")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads (on a busy machine 1 can be much faster)")] = None,
     column: ColumnOpt = None,
     seed: int = 0,
+    allow_model_mismatch: AllowMismatchOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Pick the refusal direction (position × layer), explain why, and save the choice."""
+    directions = directions if directions is not None else default_run(mo.model)
     cfg = SelectionConfig(
         mode=mode, method=method, n_val=n_val, kl_max=kl_max, max_layer_frac=max_layer_frac,
         induce_min=induce_min, positions=parse_ints(positions, "--positions", "-1,-5"),
@@ -308,11 +338,12 @@ def select_cmd(
         batch_size=batch_size, seed=seed, progress=not as_json, fast_prompts=fast_prompts,
         fast_keep=fast_keep,
     )
+    check_writable(directions, "--directions")  # the choice is saved there
     with torch_threads(threads):
-        harmful = load_prompt_set(harmful_val, column, n_val)
-        harmless = load_prompt_set(harmless_val, column, n_val)
+        harmful = load_prompt_set(harmful_val, column, n_val, "--harmful-val")
+        harmless = load_prompt_set(harmless_val, column, n_val, "--harmless-val")
         cm = mo.load()
-        ds = load_directions(directions, cm, "select")
+        ds = load_directions(directions, cm, "select", allow_model_mismatch)
         res = select_direction(cm, ds, harmful, harmless, cfg)
     ds.save(directions)
     path = res.save(directions)

@@ -13,10 +13,13 @@ from refusaldir.data.prompts import (
     SPLITS,
     PromptSet,
     as_prompt_list,
+    check_limit,
+    check_prompts,
     load_prompts,
     prompts_dir,
 )
 
 __all__ = [
-    "SHIPPED", "SPLITS", "PromptSet", "as_prompt_list", "load_dataset", "load_prompts", "prompts_dir",
+    "SHIPPED", "SPLITS", "PromptSet", "as_prompt_list", "check_limit", "check_prompts", "load_dataset",
+    "load_prompts", "prompts_dir",
 ]

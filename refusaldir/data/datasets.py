@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from refusaldir.data.prompts import PromptSet, load_prompts
+from refusaldir.data.prompts import PromptSet, check_limit, load_prompts
 from refusaldir.errors import PromptFileError
 
 DATASETS: dict[str, dict[str, Any]] = {
@@ -61,11 +61,12 @@ def load_dataset(
         label: XSTest ``label`` to keep (``safe`` / ``unsafe``; ``None``: all).
         limit: keep the first ``limit`` prompts after filtering.
     """
-    key = name.lower()
-    if key not in DATASETS:
+    limit = check_limit(limit)
+    if not isinstance(name, str) or name.lower() not in DATASETS:
         raise PromptFileError(
             f"dataset {name!r} is not known; expected one of {', '.join(DATASETS)}"
         )
+    key = name.lower()
     ps = load_prompts(path, **DATASETS[key])
     if key == "harmbench" and functional_category:
         want = functional_category.lower()

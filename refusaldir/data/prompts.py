@@ -12,16 +12,16 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
+import numbers
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
 
-from refusaldir.errors import PromptFileError
+from refusaldir.data.readers import merged_row, prompt_text, read_rows
+from refusaldir.errors import ConfigError, PromptFileError
 
 PROMPT_COLUMNS = (
     "prompt", "goal", "instruction", "behavior", "forbidden_prompt", "question", "query",
@@ -53,6 +53,12 @@ class PromptSet(Sequence[str]):
     extra: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if isinstance(self.prompts, (str, bytes)):
+            raise PromptFileError(
+                f"PromptSet got the single string {self.prompts[:60]!r}; expected a list of "
+                "prompts (load_prompts(path) reads a file, [text] is one prompt)"
+            )
+        self.prompts = list(self.prompts)
         if not self.categories:
             self.categories = [None] * len(self.prompts)
 
@@ -111,42 +117,23 @@ def _pick(columns: Sequence[str], wanted: str | None, candidates: Sequence[str],
     return None
 
 
-def _rows(path: Path) -> list[dict[str, Any]] | list[str]:
-    suffix = path.suffix.lower()
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise PromptFileError(f"{path} is not UTF-8 text ({exc}); convert it to UTF-8") from exc
-    if suffix == ".csv":
-        return list(csv.DictReader(text.splitlines()))
-    if suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except ValueError as exc:
-                    raise PromptFileError(f"{path}:{n} is not valid JSON ({exc}); fix that line") from exc
-        return rows
-    if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise PromptFileError(f"{path} is not valid JSON ({exc})") from exc
-        if isinstance(data, dict):
-            lists = [v for v in data.values() if isinstance(v, list)]
-            if len(lists) != 1:
-                raise PromptFileError(
-                    f"{path} is a JSON object; expected a list of prompts or of records "
-                    "(or an object holding exactly one such list)"
-                )
-            data = lists[0]
-        if not isinstance(data, list):
-            raise PromptFileError(f"{path} holds {type(data).__name__}; expected a JSON list")
-        return data
-    return [
-        line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")
-    ]
+def check_limit(limit: Any, name: str = "limit") -> int | None:
+    """``limit`` as an int >= 1, or ``None`` (no limit); anything else is a :class:`ConfigError`.
+
+    Example:
+        >>> check_limit(5), check_limit(None)
+        (5, None)
+    """
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Integral):
+        raise ConfigError(f"{name}={limit!r} must be a whole number >= 1 (or None for all prompts)")
+    if int(limit) < 1:
+        raise ConfigError(
+            f"{name}={limit} is not a number of prompts to keep (zero or a negative limit would "
+            "silently drop prompts); pass a number >= 1, or None for all prompts"
+        )
+    return int(limit)
 
 
 def load_prompts(
@@ -166,11 +153,17 @@ def load_prompts(
         category_column: category column (default: detected among ``CATEGORY_COLUMNS``).
         limit: keep only the first ``limit`` prompts.
     """
+    if isinstance(source, bool) or not isinstance(source, (str, os.PathLike)):
+        raise PromptFileError(
+            f"prompt source {source!r} has type {type(source).__name__}; pass a shipped set name "
+            f"({', '.join(SHIPPED)}) or the path of a TXT, CSV, JSON or JSONL file"
+        )
+    limit = check_limit(limit)
     if str(source) in SHIPPED:
         name = str(source)
         if name == "borderline":
             if split not in (None, "all"):
-                raise PromptFileError("the borderline set has no splits; pass split=None")
+                raise PromptFileError(f"the borderline set has no splits (got {split!r}); drop the split: 'borderline', split=None")
             path = prompts_dir() / "borderline.jsonl"
         else:
             split = split or "train"
@@ -183,9 +176,11 @@ def load_prompts(
             raise PromptFileError(
                 f"split={split!r} only applies to the shipped sets {SHIPPED}; for {path} omit it"
             )
+    if path.is_dir():
+        raise PromptFileError(f"{path} is a folder; pass a prompt file (TXT, CSV, JSON or JSONL)")
     if not path.is_file():
         raise PromptFileError(f"prompt file {path} does not exist; check the path")
-    rows = _rows(path)
+    rows, lines = read_rows(path)
     prompts: list[str] = []
     cats: list[str | None] = []
     extra: list[dict[str, Any]] = []
@@ -198,19 +193,33 @@ def load_prompts(
                 f"{', '.join(PROMPT_COLUMNS)} — or pass column=NAME / --column NAME"
             )
         ccol = _pick(columns, category_column, CATEGORY_COLUMNS, path)
-        for record in rows:
+        csv_width = len(columns) if path.suffix.lower() == ".csv" else 0
+        for k, record in enumerate(rows):
+            where = f":{lines[k]}" if lines is not None else f" (record {k})"
             if not isinstance(record, dict):
-                raise PromptFileError(f"{path} mixes records and plain values; use one kind")
+                raise PromptFileError(f"{path}{where} mixes records and plain values; use one kind")
             row: dict[str, Any] = record
-            text = str(row.get(pcol) or "").strip()
+            text = prompt_text(row.get(pcol), path, where)
+            merged = merged_row(text, csv_width)
+            if merged is not None and lines is not None:
+                raise PromptFileError(
+                    f"{path}:{lines[k]}: the {pcol!r} value runs over {merged + 1} lines and line "
+                    f"{lines[k] + merged} looks like a separate row, so a quote is probably "
+                    "unbalanced; close the quote (if the line breaks are meant, store the "
+                    "prompts as JSONL)"
+                )
             if text:
                 prompts.append(text)
                 cats.append(str(row[ccol]) if ccol and row.get(ccol) not in (None, "") else None)
                 extra.append(row)
     else:
-        for line in rows:
+        for k, line in enumerate(rows):
             if not isinstance(line, str):
-                raise PromptFileError(f"{path} mixes records and plain values; use one kind")
+                where = f":{lines[k]}" if lines is not None else f" (item {k})"
+                raise PromptFileError(
+                    f"{path}{where} holds a {type(line).__name__}; expected every item to be a "
+                    "prompt string (or every item a record with a prompt column)"
+                )
             if line.strip():
                 prompts.append(line.strip())
                 cats.append(None)
@@ -224,19 +233,42 @@ def load_prompts(
     return PromptSet(prompts, cats, str(path), extra)
 
 
-def as_prompt_list(prompts: Sequence[str] | str, what: str) -> list[str]:
-    """``prompts`` as a list of strings; a single string is one prompt.
+def check_prompts(prompts: Any, what: str, *, single: bool = False) -> list[str]:
+    """``prompts`` checked and returned as a list of strings: the one helper every public
+    function uses for its prompt arguments.
 
-    Raises :class:`PromptFileError` (naming ``what``) when there are no prompts or one of them
-    is empty or whitespace only.
+    A plain string is one prompt when ``single`` is true (``generate``, the guard's
+    ``score``); for a prompt *set* (extraction, selection, evaluation, audit) it is refused,
+    since it is almost always a file path or one prompt given where a list belongs and would
+    otherwise become one prompt per character. Raises :class:`PromptFileError` naming
+    ``what`` when the value is not a sequence of strings, is empty, or holds an empty prompt.
 
     Example:
-        >>> as_prompt_list(["a", "b"], "guard")
+        >>> check_prompts(["a", "b"], "harmful")
         ['a', 'b']
+        >>> check_prompts("hi", "prompts", single=True)
+        ['hi']
     """
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    texts = [str(p) for p in prompts]
+    if isinstance(prompts, (str, bytes)):
+        if single and isinstance(prompts, str):
+            prompts = [prompts]
+        else:
+            shown = repr(prompts[:57]) + ("…" if len(prompts) > 57 else "")
+            raise PromptFileError(
+                f"{what} got the single string {shown}; expected a list of prompts. Pass "
+                f"load_prompts({shown}) to read a file, or [text] for one prompt"
+            )
+    if isinstance(prompts, Mapping) or not isinstance(prompts, Iterable):
+        raise PromptFileError(
+            f"{what} got a {type(prompts).__name__}; expected a list of prompt strings "
+            "(or a PromptSet from load_prompts)"
+        )
+    texts = list(prompts)
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise PromptFileError(
+            f"{what}[{bad[0]}] is a {type(texts[bad[0]]).__name__}, not a string; pass prompts as text"
+        )
     if not texts or not any(t.strip() for t in texts):
         raise PromptFileError(
             f"{what} got no prompts; pass at least one non-empty prompt (or a --prompts file)"
@@ -245,3 +277,17 @@ def as_prompt_list(prompts: Sequence[str] | str, what: str) -> list[str]:
     if empty:
         raise PromptFileError(f"{what}: prompt #{empty[0]} is empty; remove empty prompts")
     return texts
+
+
+def as_prompt_list(prompts: Sequence[str] | str, what: str) -> list[str]:
+    """``prompts`` as a list of strings; a single string is one prompt
+    (:func:`check_prompts` with ``single=True``).
+
+    Raises :class:`PromptFileError` (naming ``what``) when there are no prompts or one of them
+    is empty or whitespace only.
+
+    Example:
+        >>> as_prompt_list(["a", "b"], "guard")
+        ['a', 'b']
+    """
+    return check_prompts(prompts, what, single=True)

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from refusaldir.batching import AUTO, BatchSize
 from refusaldir.capture import iter_activations, project
+from refusaldir.data import check_prompts
 from refusaldir.directions.set import DirectionSet
 from refusaldir.errors import ConfigError
 from refusaldir.hooks import RESID_POINTS, check_layers
@@ -53,15 +54,21 @@ def extract(
     if hook_point not in RESID_POINTS:
         raise ConfigError(f"hook_point {hook_point!r} must be one of {RESID_POINTS}")
     layer_list = check_layers(model, layers)
+    sets = {"harmful": check_prompts(harmful, "harmful"), "harmless": check_prompts(harmless, "harmless")}
+    if sorted(sets["harmful"]) == sorted(sets["harmless"]):
+        raise ConfigError(
+            f"the harmful and harmless prompt sets are the same {len(sets['harmful'])} prompts, so "
+            "every difference of means would be zero; pass two different sets, e.g. the shipped "
+            "'harmful' and 'harmless' ones"
+        )
     tpl = model.template
+    for name, texts in sets.items():  # every prompt must fit before any forward pass
+        tpl.check_lengths(texts, what=name)
     positions = tpl.positions
     all_pos = [tpl.t_inst, *positions]
     start = time.perf_counter()
     means = {}
-    for name, prompts in (("harmful", harmful), ("harmless", harmless)):
-        texts = list(prompts)
-        if not texts:
-            raise ConfigError(f"the {name} prompt set is empty; pass at least one prompt")
+    for name, texts in sets.items():
         total: Tensor | None = None
         for _, acts in iter_activations(
             model, texts, layers=layer_list, positions=all_pos, hook_point=hook_point,
@@ -73,6 +80,16 @@ def extract(
             raise ConfigError(f"the {name} prompt set produced no activations; pass at least one prompt")
         means[name] = (total / len(texts)).cpu()
     diff = means["harmful"] - means["harmless"]
+    if not bool(torch.isfinite(diff).all()):
+        raise ConfigError(
+            "the activations contain NaN or inf values, so the directions would be meaningless; "
+            "load the model in float32 (dtype='float32') or check its weights"
+        )
+    if float(diff.abs().max()) == 0.0:
+        raise ConfigError(
+            "the harmful and harmless prompts give identical mean activations at every layer and "
+            "position, so every direction would be zero; pass two sets that differ"
+        )
     meta = {
         "model": model.describe(),
         "template": {
@@ -116,13 +133,16 @@ def layer_stats(
 ) -> list[dict[str, float]]:
     """Per layer: ‖refusal‖, ‖harmfulness‖, their cosine, and the AUROC with which the refusal
     projection at ``pos`` separates held-out ``harmful`` from ``harmless`` prompts."""
+    sets = {"harmful": check_prompts(harmful, "harmful"), "harmless": check_prompts(harmless, "harmless")}
     i, _ = ds._index(pos, ds.layers[0])
     dirs = ds.refusal[i : i + 1]
+    for name, texts in sets.items():
+        model.template.check_lengths(texts, what=name)
     proj = {
         name: project(model, list(texts), dirs, layers=ds.layers, positions=[pos],
                       hook_point=ds.hook_point, batch_size=batch_size, progress=progress,
                       description=f"project {name}")[:, 0]
-        for name, texts in (("harmful", harmful), ("harmless", harmless))
+        for name, texts in sets.items()
     }
     cos = ds.cosine_refusal_harmfulness(pos) if ds.harmfulness is not None else None
     table = separation_table(proj["harmful"], proj["harmless"], ds.layers)

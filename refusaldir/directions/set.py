@@ -6,7 +6,9 @@
   (Zhao et al. 2025).
 
 Artifacts are a folder with ``directions.safetensors`` and ``metadata.json``, written
-atomically and loaded without pickle.
+atomically (a new folder is swapped in whole, under a lock file) and loaded without pickle,
+with every field of the metadata checked against the tensors
+(:mod:`refusaldir.directions.artifact`).
 
 Example:
     >>> ds = extract(model, harmful, harmless)  # doctest: +SKIP
@@ -27,27 +29,31 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from refusaldir.directions import artifact
+from refusaldir.directions.artifact import FORMAT_VERSION, METADATA_FILE, TENSORS_FILE
 from refusaldir.directions.direction import Direction
 from refusaldir.errors import ArtifactError, ConfigError, HookError
 from refusaldir.io import (
     atomic_write,
+    atomic_write_files,
     dumps,
-    ensure_writable,
     folder_lock,
     sha256_file,
-    tmp_file_in,
+    staged_dir,
 )
 
 if TYPE_CHECKING:
     from refusaldir.models import ChatModel
 
-FORMAT_VERSION = 1
-TENSORS_FILE = "directions.safetensors"
-METADATA_FILE = "metadata.json"
+__all__ = ["FORMAT_VERSION", "METADATA_FILE", "TENSORS_FILE", "DirectionSet", "weights_kind"]
+
+
+def weights_kind(weights_hash: str) -> str:
+    """How a weights hash was made: ``"fingerprint"`` (an in-memory model, ``fp:…``) or
+    ``"file hash"`` (a model folder or GGUF file)."""
+    return "fingerprint" if weights_hash.startswith("fp:") else "file hash"
 
 
 @dataclass
@@ -184,7 +190,13 @@ class DirectionSet:
 
     # --------------------------------------------------------------- checks
     def check_model(self, model: ChatModel, *, strict_hash: bool = False) -> None:
-        """Raise when these directions cannot belong to ``model`` (d_model, layers, weights)."""
+        """Raise when these directions cannot belong to ``model`` (d_model, layers, weights).
+
+        ``strict_hash=True`` also requires the recorded weights hash to be ``model``'s (the
+        command line does, unless ``--allow-model-mismatch``). Hashes of different kinds (an
+        in-memory model's ``fp:`` fingerprint and a model folder's file hash) cannot be
+        compared, which is an error too, naming both kinds.
+        """
         if self.d_model != model.d_model:
             raise ArtifactError(
                 f"directions have d_model={self.d_model} but {model.spec} has d_model="
@@ -195,14 +207,25 @@ class DirectionSet:
                 f"directions go up to layer {self.layers[-1]} but {model.spec} has "
                 f"{model.n_layers} layers; extract directions for this model"
             )
-        saved = self.metadata.get("model", {}).get("weights_hash")
-        if strict_hash and saved and saved != model.weights_hash:
+        saved = (self.metadata.get("model") or {}).get("weights_hash")
+        if not strict_hash or not saved or saved == model.weights_hash:
+            return
+        spec = self.metadata["model"].get("spec")
+        kinds = (weights_kind(saved), weights_kind(model.weights_hash))
+        if kinds[0] != kinds[1]:
             raise ArtifactError(
-                f"directions were extracted from weights {saved[:16]}… "
-                f"({self.metadata['model'].get('spec')}) but {model.spec} has weights "
-                f"{model.weights_hash[:16]}…; extract directions for this model or pass the "
-                "matching --model"
+                f"directions record a {kinds[0]} of their model's weights ({spec}: {saved[:19]}…) "
+                f"but {model.spec} is identified by a {kinds[1]} ({model.weights_hash[:19]}…), "
+                "so they cannot be compared; load the model the way it was loaded for extraction "
+                "(a model folder, or in memory), or pass --allow-model-mismatch "
+                "(in Python: strict_hash=False) if you know the weights are the same"
             )
+        raise ArtifactError(
+            f"directions were extracted from weights {saved[:16]}… ({spec}) but {model.spec} "
+            f"has weights {model.weights_hash[:16]}…; extract directions for this model, pass "
+            "the matching --model, or pass --allow-model-mismatch (in Python: "
+            "strict_hash=False) if this is deliberate"
+        )
 
     # ------------------------------------------------------------------ I/O
     def tensors(self) -> dict[str, Tensor]:
@@ -213,11 +236,22 @@ class DirectionSet:
             out[f"mean_{k}"] = v.contiguous()
         return out
 
-    def save(self, folder: str | os.PathLike[str], *, overwrite: bool = True) -> Path:
-        """Write ``directions.safetensors`` + ``metadata.json`` atomically into ``folder``."""
-        out = Path(folder)
-        ensure_writable(out)
+    def save(self, folder: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write ``directions.safetensors`` + ``metadata.json`` into ``folder``.
+
+        - an absent or empty ``folder`` is written into a temporary sibling and swapped in;
+        - one that holds these same directions (same tensors from the same weights, e.g.
+          re-saved after :meth:`select`) gets the new ``metadata.json``; everything beside it
+          (``selection.json``, ``guard/``, evaluations) stays, as it still applies;
+        - anything else is refused unless ``overwrite=True``, which replaces the folder whole,
+          so no artifact of other directions is left beside these.
+
+        Writers of one folder are serialised by a lock file; a failure (full disk, signal)
+        leaves the previous contents as they were.
+        """
+        out = Path(folder).expanduser()
         tensors = self.tensors()
+        data, sha = artifact.encode(tensors, self.positions, self.layers, self.t_inst, self.hook_point)
         meta = {
             **self.metadata,
             "format_version": FORMAT_VERSION,
@@ -228,70 +262,42 @@ class DirectionSet:
             "d_model": self.d_model,
             "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                         for k, v in tensors.items()},
+            "tensors_sha256": sha,
         }
-        with folder_lock(out / TENSORS_FILE):
-            if not overwrite and (out / TENSORS_FILE).exists():
-                raise ArtifactError(f"{out / TENSORS_FILE} exists; pass overwrite=True or --force")
-            tmp_t = tmp_file_in(out, TENSORS_FILE)
-            try:
-                save_file(tensors, str(tmp_t), metadata={"format": "refusaldir"})
-                meta["tensors_sha256"] = sha256_file(tmp_t)
-                tmp_m = tmp_file_in(out, METADATA_FILE)
-                try:
-                    tmp_m.write_text(dumps(meta, sort_keys=True))
-                    os.replace(tmp_t, out / TENSORS_FILE)
-                    os.replace(tmp_m, out / METADATA_FILE)
-                finally:
-                    tmp_m.unlink(missing_ok=True)
-            except OSError as exc:
-                raise ArtifactError(
-                    f"could not write directions to {out} ({exc.strerror or exc}); free space or "
-                    "choose another --out"
-                ) from exc
-            finally:
-                tmp_t.unlink(missing_ok=True)
-        self.metadata = {k: v for k, v in meta.items()}
+        files = {TENSORS_FILE: data, METADATA_FILE: dumps(meta, sort_keys=True).encode()}
+        weights = (self.metadata.get("model") or {}).get("weights_hash")
+        with folder_lock(out):
+            state = artifact.folder_state(out, sha, tensors, weights)
+            if state == "same" and not overwrite:
+                if sha256_file(out / TENSORS_FILE) == sha:
+                    del files[TENSORS_FILE]
+                atomic_write_files(out, files, lock=False)
+            elif state == "other" and not overwrite:
+                raise artifact.occupied_error(out)
+            else:
+                with staged_dir(out, locked=True) as tmp:
+                    atomic_write_files(tmp, files, lock=False)
+        self.metadata = dict(meta)
         return out
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str]) -> DirectionSet:
-        """Load a saved set (no pickle); checks the tensor file against its recorded hash."""
-        src = Path(folder)
+        """Load a saved set (no pickle), checked: the tensor file against its recorded sha256,
+        and every field of ``metadata.json`` against the tensors (shapes, layers, positions,
+        ``d_model``, ``t_inst``, hook point, finite values); see
+        :func:`refusaldir.directions.artifact.check_metadata`."""
+        src = Path(folder).expanduser()
         if src.is_file() and src.name in (TENSORS_FILE, METADATA_FILE):
             src = src.parent
-        tpath, mpath = src / TENSORS_FILE, src / METADATA_FILE
-        if not tpath.is_file() or not mpath.is_file():
-            raise ArtifactError(
-                f"{src} does not contain {TENSORS_FILE} and {METADATA_FILE}; run "
-                f"`refusaldir extract --out {src}` first"
-            )
-        try:
-            meta = json.loads(mpath.read_text())
-        except ValueError as exc:
-            raise ArtifactError(f"{mpath} is not valid JSON ({exc}); re-run `refusaldir extract`") from exc
-        expected = meta.get("tensors_sha256")
-        if expected and sha256_file(tpath) != expected:
-            raise ArtifactError(
-                f"{tpath} does not match the sha256 recorded in {mpath.name} (truncated or "
-                "modified); re-run `refusaldir extract` to regenerate it"
-            )
-        try:
-            tensors = load_file(str(tpath))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ArtifactError(
-                f"{tpath} could not be read ({exc}); the file is truncated or corrupt — re-run "
-                "`refusaldir extract`"
-            ) from exc
-        if "refusal" not in tensors:
-            raise ArtifactError(f"{tpath} has no 'refusal' tensor; re-run `refusaldir extract`")
+        meta, tensors = artifact.read(src)
         means = {k.removeprefix("mean_"): v for k, v in tensors.items() if k.startswith("mean_")}
         return cls(
             refusal=tensors["refusal"],
-            positions=[int(p) for p in meta["positions"]],
-            layers=[int(x) for x in meta["layers"]],
+            positions=list(meta["positions"]),
+            layers=list(meta["layers"]),
             harmfulness=tensors.get("harmfulness"),
-            t_inst=meta.get("t_inst"),
-            hook_point=meta.get("hook_point", "resid_pre"),
+            t_inst=meta["t_inst"],
+            hook_point=meta["hook_point"],
             means=means,
             metadata=meta,
         )

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from refusaldir.batching import AUTO, BatchSize, resolve_batch_size
 from refusaldir.capture import project
-from refusaldir.data import load_prompts
+from refusaldir.data import check_prompts, load_prompts
 from refusaldir.directions import Direction, DirectionSet
 from refusaldir.errors import ArtifactError, ConfigError
 from refusaldir.generation import Completion, generate
@@ -78,8 +78,10 @@ def calibrate_conditional(
     """
     if not 0 <= target_fpr < 1:
         raise ConfigError(f"target_fpr={target_fpr} must be in [0, 1), e.g. 0.05")
-    harmless = list(harmless_val) if harmless_val is not None else list(load_prompts("harmless", "val"))
-    harmful = list(harmful_val) if harmful_val is not None else list(load_prompts("harmful", "val"))
+    harmless = check_prompts(harmless_val if harmless_val is not None else load_prompts("harmless", "val"),
+                             "harmless_val")
+    harmful = check_prompts(harmful_val if harmful_val is not None else load_prompts("harmful", "val"),
+                            "harmful_val")
     if not harmless:
         raise ConfigError("calibrate_conditional needs harmless validation prompts")
     if layer is None:
@@ -172,7 +174,8 @@ def calibrate_addition(
     start = check_coeff(start, "start")
     if start <= 0 or max_coeff < start:
         raise ConfigError(f"need 0 < start ({start}) <= max_coeff ({max_coeff})")
-    texts = list(harmless_val) if harmless_val is not None else list(load_prompts("harmless", "val"))
+    texts = check_prompts(harmless_val if harmless_val is not None else load_prompts("harmless", "val"),
+                          "harmless_val")
     if not texts:
         raise ConfigError("calibrate_addition needs harmless validation prompts")
     judge = judge if judge is not None else PhraseJudge()

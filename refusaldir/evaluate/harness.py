@@ -15,10 +15,9 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
+import numbers
 import os
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,18 +27,19 @@ from typing import Any
 from torch import Tensor
 
 from refusaldir.batching import AUTO, BatchSize
-from refusaldir.data import PromptSet, load_prompts
+from refusaldir.data import PromptSet, check_limit, check_prompts, load_prompts
 from refusaldir.directions import DirectionSet
 from refusaldir.errors import ArtifactError, ConfigError
 from refusaldir.evaluate.conditions import Condition, build_conditions
 from refusaldir.generation import Completion, generate
-from refusaldir.io import atomic_write_text, dumps, folder_lock, make_tmp_dir
+from refusaldir.io import atomic_write_files, dumps, field_error, loads_strict, sha256_bytes
 from refusaldir.judges import Judge, make_judge
 from refusaldir.models import ChatModel
 from refusaldir.readout import completion_loss, first_token_logprobs, kl_divergence, text_loss
 from refusaldir.stats import rate
 
-__all__ = ["RESULT_FILES", "EvaluationResult", "evaluate", "is_repetitive", "summarize"]
+__all__ = ["RESULT_FILES", "EvaluationResult", "check_evaluation", "evaluate", "is_repetitive",
+           "summarize"]
 
 ROUND = 6
 #: What :meth:`EvaluationResult.save` writes, in the order they are renamed into place
@@ -126,27 +126,18 @@ class EvaluationResult:
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Write ``results.json``, ``completions.jsonl`` and ``results.md`` into ``folder``.
 
-        The three files are written as one unit: all of them go to a hidden staging folder
-        first and are renamed into place only once every one is complete (under the folder's
-        write lock), so a failure never leaves new results beside old completions. Other
-        files in ``folder`` are left alone. JSON is strict (NaN becomes ``null``).
+        The three files are written as one unit (:func:`refusaldir.io.atomic_write_files`,
+        under the folder's lock): each is complete on disk before any is renamed into place, so
+        a full disk or a signal never leaves new results beside old completions, and
+        ``results.json`` records the completions' sha256 so a mixed folder is caught on load.
+        Other files in ``folder`` are left alone. JSON is strict (NaN becomes ``null``).
         """
-        out = Path(folder)
-        texts = {
-            "results.json": dumps(self.results, indent=2, sort_keys=True) + "\n",
-            "completions.jsonl": "".join(dumps(c, indent=None, sort_keys=True) + "\n"
-                                         for c in self.completions),
-            "results.md": self.markdown(),
-        }
-        with folder_lock(out):
-            stage = make_tmp_dir(out, "evaluation")
-            try:
-                for name, text in texts.items():
-                    atomic_write_text(stage / name, text)
-                for name in RESULT_FILES:
-                    os.replace(stage / name, out / name)
-            finally:
-                shutil.rmtree(stage, ignore_errors=True)
+        out = Path(folder).expanduser()
+        rows = "".join(dumps(c, indent=None, sort_keys=True) + "\n" for c in self.completions).encode()
+        body = {**self.results, "completions_sha256": sha256_bytes(rows)}
+        files = {"completions.jsonl": rows, "results.md": self.markdown().encode(),
+                 "results.json": (dumps(body, indent=2, sort_keys=True) + "\n").encode()}
+        atomic_write_files(out, {name: files[name] for name in RESULT_FILES})
         return out
 
     @classmethod
@@ -165,17 +156,68 @@ class EvaluationResult:
                 f"{src} does not contain results.json and completions.jsonl; run "
                 "`refusaldir evaluate --out` (or EvaluationResult.save) there first"
             )
+        fix = "run the evaluation again"
         try:
-            results = json.loads(rpath.read_text(encoding="utf-8"))
-            rows = [json.loads(line) for line in cpath.read_text(encoding="utf-8").splitlines()
-                    if line.strip()]
+            text, raw = rpath.read_text(encoding="utf-8"), cpath.read_bytes()
+            lines = raw.decode("utf-8").splitlines()
         except (ValueError, OSError) as exc:
-            raise ArtifactError(f"{src} holds an unreadable evaluation ({exc}); run the evaluation again") from exc
+            raise ArtifactError(f"{src} holds an unreadable evaluation ({exc}); {fix}") from exc
+        results = loads_strict(text, rpath, fix)
+        rows = [loads_strict(line, f"{cpath} line {i + 1}", fix)
+                for i, line in enumerate(lines) if line.strip()]
         if not isinstance(results, dict) or "conditions" not in results or "datasets" not in results:
             raise ArtifactError(
-                f"{rpath} is not an evaluation result (no 'conditions'/'datasets'); run the evaluation again"
+                f"{rpath} is not an evaluation result (no 'conditions'/'datasets'); {fix}"
             )
+        want = results.get("completions_sha256")
+        if want is not None and want != sha256_bytes(raw):
+            raise ArtifactError(
+                f"{cpath} does not match the sha256 recorded in results.json (the two files come "
+                f"from different runs, or one was modified); {fix}"
+            )
+        check_evaluation(results, rows, src)
         return cls(results, rows)
+
+
+def _finite(x: Any, allow_none: bool = False) -> bool:
+    if x is None:
+        return allow_none
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _rate_ok(r: Any) -> bool:
+    return (isinstance(r, dict) and _finite(r.get("n")) and _finite(r.get("rate"), r.get("n") == 0)
+            and (r.get("rate") is None or 0 <= r["rate"] <= 1) and isinstance(r.get("ci95"), list)
+            and len(r["ci95"]) == 2 and all(_finite(x, True) for x in r["ci95"]))
+
+
+def check_evaluation(results: dict[str, Any], rows: list[Any], src: str | os.PathLike[str]) -> None:
+    """Raise :class:`ArtifactError` naming the field unless a loaded evaluation has what its
+    readers use: per condition and dataset rates in [0, 1] with their 95% intervals, finite KL
+    and loss numbers, and completion rows of the conditions and datasets it lists."""
+    fix = "run the evaluation again"
+    conds, sets = results["conditions"], results["datasets"]
+    if not isinstance(conds, dict) or not conds or not isinstance(sets, dict) or not sets:
+        raise field_error(src, "conditions/datasets", (conds, sets), "non-empty objects", fix)
+    for c, body in conds.items():
+        got = body.get("datasets") if isinstance(body, dict) else None
+        if not isinstance(got, dict) or set(got) != set(sets):
+            raise field_error(src, f"conditions.{c}.datasets", got, f"an entry for each of {list(sets)}", fix)
+        for d, v in got.items():
+            for k in ("refusal", "partial", "empty", "repetitive"):
+                if not _rate_ok(v.get(k) if isinstance(v, dict) else None):
+                    raise field_error(src, f"conditions.{c}.datasets.{d}.{k}", v,
+                                      "{k, n, rate in [0, 1], ci95: [lo, hi]}", fix)
+        for k in ("kl_harmless", "loss_baseline_completions", "text_loss"):
+            if k in body and not (isinstance(body[k], dict)
+                                  and all(_finite(x, True) for x in body[k].values())):
+                raise field_error(src, f"conditions.{c}.{k}", body[k], "finite numbers", fix)
+    for i, row in enumerate(rows):
+        if not (isinstance(row, dict) and all(isinstance(row.get(k), str) for k in
+                                              ("condition", "dataset", "prompt", "completion", "label"))
+                and row["condition"] in conds and row["dataset"] in sets):
+            raise field_error(src, f"completions.jsonl row {i + 1}", row,
+                              "a completion of a condition and dataset in results.json", fix)
 
 
 def _r(x: float | Tensor) -> float:
@@ -207,19 +249,38 @@ def evaluate(
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    limit = check_limit(limit)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
+            or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be a whole number >= 1")
+    if add_coeff is not None and (isinstance(add_coeff, bool) or not isinstance(add_coeff, numbers.Real)
+                                  or not math.isfinite(add_coeff)):
+        raise ConfigError(f"add_coeff={add_coeff!r} is not a finite number; pass e.g. 4.0, or None to calibrate it")
+    if isinstance(conditions, str):  # "baseline,ablate" as on the command line
+        conditions = [c.strip() for c in conditions.split(",") if c.strip()]
+    if text is not None and not isinstance(text, str):
+        raise ConfigError(f"text has type {type(text).__name__}; pass the text itself (a str), not a path")
     if datasets is None:
         datasets = {"harmful": load_prompts("harmful", "test"), "harmless": load_prompts("harmless", "test"),
                     "borderline": load_prompts("borderline")}
+    if not isinstance(datasets, Mapping):
+        raise ConfigError(
+            f"datasets has type {type(datasets).__name__}; pass a dict such as "
+            "{'harmful': [...], 'harmless': [...]}"
+        )
     sets: dict[str, PromptSet] = {}
     for name, ps in datasets.items():
-        ps = ps if isinstance(ps, PromptSet) else PromptSet(list(ps))
+        if not isinstance(ps, PromptSet):
+            empty = isinstance(ps, Sequence) and not isinstance(ps, str) and len(ps) == 0
+            ps = PromptSet([] if empty else check_prompts(ps, f"datasets[{name!r}]"))
         if limit is not None:
             ps = ps[:limit]
         if len(ps) == 0:
             raise ConfigError(f"dataset {name!r} is empty; pass a file with prompts or drop it")
+        model.template.check_lengths(list(ps), reserve=int(max_new_tokens), what=f"datasets[{name!r}]")
         sets[name] = ps
-    if int(max_new_tokens) < 1:
-        raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    harmful_val = None if harmful_val is None else check_prompts(harmful_val, "harmful_val")
+    harmless_val = None if harmless_val is None else check_prompts(harmless_val, "harmless_val")
     jd = make_judge(judge, model=model, harmful_val=harmful_val) if isinstance(judge, str) else judge
     conds = list(prebuilt) if prebuilt is not None else build_conditions(
         model, directions, list(conditions), add_coeff=add_coeff, harmless_val=harmless_val,

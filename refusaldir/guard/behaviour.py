@@ -21,7 +21,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from refusaldir.batching import AUTO, BatchSize
-from refusaldir.data import as_prompt_list, load_prompts
+from refusaldir.data import as_prompt_list, check_prompts, load_prompts
 from refusaldir.errors import ConfigError
 from refusaldir.generation import generate
 from refusaldir.guard.latent import LatentGuard
@@ -101,8 +101,8 @@ def guard_vs_behaviour(
         >>> cmp["guard"]["auroc"], cmp["behaviour"]["logit"]["auroc"]  # doctest: +SKIP
         (0.97, 0.88)
     """
-    harm = as_prompt_list(harmful, "guard_vs_behaviour (harmful)")
-    ok = as_prompt_list(safe, "guard_vs_behaviour (safe)")
+    harm = check_prompts(harmful, "harmful")
+    ok = check_prompts(safe, "safe")
     out: dict[str, Any] = {"n_harmful": len(harm), "n_safe": len(ok)}
     g_pos = guard.score(model, harm, batch_size=batch_size, progress=progress)
     g_neg = guard.score(model, ok, batch_size=batch_size, progress=progress)

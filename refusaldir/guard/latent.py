@@ -24,9 +24,8 @@ Example:
 
 from __future__ import annotations
 
-import json
+import numbers
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,26 +34,27 @@ from typing import Any
 
 import torch
 from jaxtyping import Bool, Float
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from refusaldir.batching import AUTO, BatchSize
 from refusaldir.capture import iter_activations
-from refusaldir.data import as_prompt_list, load_prompts
+from refusaldir.data import as_prompt_list, check_prompts, load_prompts
 from refusaldir.directions import DirectionSet
 from refusaldir.errors import ArtifactError, ConfigError
+from refusaldir.guard import artifact
+from refusaldir.guard.artifact import (
+    FORMAT_VERSION,
+    GUARD_METHODS,
+    META_FILE,
+    TENSOR_NAMES,
+    TENSORS_FILE,
+)
 from refusaldir.hooks import Appliable, applied_all
-from refusaldir.io import atomic_write, atomic_write_json, folder_lock, make_tmp_dir, sha256_file
+from refusaldir.io import atomic_write_files
 from refusaldir.models import ChatModel
 from refusaldir.stats import auroc, pooled_std, roc_curve, separation_table, threshold_for_fpr
 
 __all__ = ["GUARD_METHODS", "META_FILE", "TENSORS_FILE", "LatentGuard"]
-
-GUARD_METHODS = ("projection", "centroid")
-TENSORS_FILE = "guard.safetensors"
-META_FILE = "guard.json"
-FORMAT_VERSION = 1
 
 
 @dataclass
@@ -125,10 +125,14 @@ class LatentGuard:
         """
         if method not in GUARD_METHODS:
             raise ConfigError(f"method={method!r} is not one of {', '.join(GUARD_METHODS)}")
-        if not 0 <= target_fpr < 1:
-            raise ConfigError(f"target_fpr={target_fpr} must be in [0, 1), e.g. 0.05")
-        if n_layers < 1:
-            raise ConfigError(f"n_layers={n_layers} must be >= 1")
+        if isinstance(target_fpr, bool) or not isinstance(target_fpr, numbers.Real) or not 0 <= target_fpr < 1:
+            raise ConfigError(f"target_fpr={target_fpr!r} must be a number in [0, 1), e.g. 0.05")
+        if isinstance(n_layers, bool) or not isinstance(n_layers, numbers.Integral) or n_layers < 1:
+            raise ConfigError(f"n_layers={n_layers!r} must be a whole number >= 1")
+        harmful = check_prompts(harmful_val if harmful_val is not None else load_prompts("harmful", "val"),
+                                "harmful_val")
+        harmless = check_prompts(harmless_val if harmless_val is not None else load_prompts("harmless", "val"),
+                                 "harmless_val")
         ds.check_model(model, strict_hash=strict_hash)
         if ds.harmfulness is None or ds.t_inst is None:
             raise ArtifactError(
@@ -145,10 +149,6 @@ class LatentGuard:
                 f"the directions' t_inst ({ds.t_inst}) differs from this model's chat template "
                 f"({model.template.t_inst}); extract directions with the same template"
             )
-        harmful = as_prompt_list(harmful_val if harmful_val is not None else load_prompts("harmful", "val"),
-                                 "LatentGuard.fit (harmful_val)")
-        harmless = as_prompt_list(harmless_val if harmless_val is not None else load_prompts("harmless", "val"),
-                                  "LatentGuard.fit (harmless_val)")
         if layers is not None:
             cand = [int(x) for x in layers]
             if not cand:
@@ -340,56 +340,29 @@ class LatentGuard:
         }
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
-        """Write ``guard.safetensors`` + ``guard.json`` into ``folder`` as one unit.
-
-        Both files are staged in a hidden folder and renamed into place under the folder's
-        write lock once both are complete; ``guard.json`` is strict JSON and records the
-        tensor file's sha256. Other files in ``folder`` are left alone.
+        """Write ``guard.safetensors`` + ``guard.json`` into ``folder`` as one unit
+        (:func:`refusaldir.io.atomic_write_files`, under the folder's lock: a full disk or a
+        signal leaves the previous pair). ``guard.json`` is strict JSON and records the tensor
+        file's sha256. Other files in ``folder`` are left alone.
         """
-        out = Path(folder)
-        tensors = {name: getattr(self, name).detach().float().cpu().contiguous() for name in
-                   ("directions", "centroid_harmful", "centroid_harmless", "loc", "scale")}
-        with folder_lock(out):
-            stage = make_tmp_dir(out, "guard")
-            try:
-                atomic_write(stage / TENSORS_FILE, lambda tmp: save_file(
-                    tensors, str(tmp), metadata={"format": "refusaldir-guard"}))
-                atomic_write_json(stage / META_FILE, {**self.to_dict(),
-                                                      "tensors_sha256": sha256_file(stage / TENSORS_FILE)})
-                os.replace(stage / TENSORS_FILE, out / TENSORS_FILE)
-                os.replace(stage / META_FILE, out / META_FILE)
-            finally:
-                shutil.rmtree(stage, ignore_errors=True)
+        out = Path(folder).expanduser()
+        tensors = {name: getattr(self, name) for name in TENSOR_NAMES}
+        atomic_write_files(out, artifact.encode(tensors, self.to_dict()))
         return out
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str]) -> LatentGuard:
-        """Load a saved guard (no pickle); checks the tensor file against its recorded hash."""
-        src = Path(folder)
-        tpath, mpath = src / TENSORS_FILE, src / META_FILE
-        if not tpath.is_file() or not mpath.is_file():
-            raise ArtifactError(
-                f"{src} does not contain {TENSORS_FILE} and {META_FILE}; save a guard there with "
-                "LatentGuard.save or `refusaldir guard --save`"
-            )
-        try:
-            meta = json.loads(mpath.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise ArtifactError(f"{mpath} is not valid JSON ({exc}); save the guard again") from exc
-        if meta.get("tensors_sha256") and sha256_file(tpath) != meta["tensors_sha256"]:
-            raise ArtifactError(f"{tpath} does not match the sha256 in {META_FILE}; save the guard again")
-        try:
-            t = load_file(str(tpath))
-            return cls(
-                method=meta["method"], layers=[int(x) for x in meta["layers"]],
-                t_inst=int(meta["t_inst"]), directions=t["directions"],
-                centroid_harmful=t["centroid_harmful"], centroid_harmless=t["centroid_harmless"],
-                loc=t["loc"], scale=t["scale"], threshold=float(meta["threshold"]),
-                target_fpr=float(meta.get("target_fpr", 0.05)),
-                hook_point=meta.get("hook_point", "resid_pre"), model_info=meta.get("model", {}),
-                calibration=meta.get("calibration", {}),
-            )
-        except (SafetensorError, OSError, KeyError, ValueError, TypeError) as exc:
-            raise ArtifactError(f"{src} holds an unreadable guard ({exc}); save the guard again") from exc
+        """Load a saved guard (no pickle), checked: the tensor file against its recorded
+        sha256 and every field of ``guard.json`` against the tensors
+        (:func:`refusaldir.guard.artifact.check_guard`)."""
+        meta, t = artifact.read(Path(folder).expanduser())
+        return cls(
+            method=meta["method"], layers=list(meta["layers"]), t_inst=meta["t_inst"],
+            directions=t["directions"], centroid_harmful=t["centroid_harmful"],
+            centroid_harmless=t["centroid_harmless"], loc=t["loc"], scale=t["scale"],
+            threshold=float(meta["threshold"]), target_fpr=float(meta["target_fpr"]),
+            hook_point=meta["hook_point"], model_info=meta.get("model", {}),
+            calibration=meta.get("calibration", {}),
+        )
 
 

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from refusaldir.batching import AUTO, BatchSize, resolve_batch_size
-from refusaldir.data import load_prompts
-from refusaldir.errors import ConfigError, PromptFileError, RefusalDirError
+from refusaldir.data import check_prompts, load_prompts
+from refusaldir.errors import ConfigError, RefusalDirError
 from refusaldir.generation import stop_token_ids
 from refusaldir.hooks import bridge_kv_cache
 from refusaldir.judges.base import Judge, Judgement, Label
@@ -122,12 +122,10 @@ def find_refusal_tokens(
             f"min_share={min_share} must be in (0, 1] and max_harmless_share="
             f"{max_harmless_share} in [0, 1]"
         )
-    harmful = list(harmful_prompts)[:n]
-    if not harmful:
-        raise PromptFileError("no harmful prompts to detect refusal tokens on")
+    harmful = check_prompts(harmful_prompts, "harmful_prompts")[:n]
     if harmless_prompts is None:
         harmless_prompts = load_prompts("harmless", "val")
-    harmless = list(harmless_prompts)[:n]
+    harmless = check_prompts(harmless_prompts, "harmless_prompts")[:n]
     judge = judge or PhraseJudge()
 
     harm_first, harm_text = _first_generated(model, harmful, max_new_tokens, batch_size, progress)
@@ -250,7 +248,8 @@ class FirstTokenJudge:
     @classmethod
     def detect(cls, model: object, harmful_val: Sequence[str] | None = None, **kwargs: object) -> FirstTokenJudge:
         """Detect the model's refusal tokens on harmful validation prompts."""
-        prompts = list(harmful_val) if harmful_val is not None else list(load_prompts("harmful", "val"))
+        prompts = check_prompts(harmful_val if harmful_val is not None else load_prompts("harmful", "val"),
+                                "harmful_val")
         found = find_refusal_tokens(model, prompts, **kwargs)  # type: ignore[arg-type]
         return cls(found.ids, tokens=found.tokens)
 

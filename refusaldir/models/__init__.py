@@ -7,7 +7,7 @@ Example:
 """
 
 from refusaldir.models.chat_model import ChatModel, cache_dir, input_device, stop_token_ids
-from refusaldir.models.embedded import EMBEDDED, EmbeddedModel, demo_gguf_parts
+from refusaldir.models.embedded import DEMO_SHA256, EMBEDDED, EmbeddedModel, demo_gguf_parts
 from refusaldir.models.identity import (
     cached_sha256,
     folder_hash,
@@ -21,10 +21,10 @@ from refusaldir.models.load import (
     resolve_device,
     resolve_dtype,
 )
-from refusaldir.models.templates import ChatTemplate
+from refusaldir.models.templates import ChatTemplate, PromptTruncatedWarning
 
 __all__ = [
-    "DTYPES", "EMBEDDED", "ChatModel", "ChatTemplate", "EmbeddedModel", "cache_dir",
+    "DEMO_SHA256", "DTYPES", "EMBEDDED", "ChatModel", "ChatTemplate", "EmbeddedModel", "PromptTruncatedWarning", "cache_dir",
     "cached_sha256", "default_device", "demo_gguf_parts", "folder_hash", "input_device",
     "load_model", "resolve_device", "resolve_dtype", "state_dict_hash",
     "stop_token_ids", "weights_fingerprint",

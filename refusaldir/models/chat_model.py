@@ -62,6 +62,7 @@ class ChatModel:
     revision: str | None = None
     system_prompt: str | None = None
     chat_template: str | None = None
+    truncate_prompts: bool = False
     _template: ChatTemplate | None = field(default=None, repr=False)
 
     @property
@@ -87,12 +88,30 @@ class ChatModel:
         return next(self.hf.parameters()).dtype
 
     @property
+    def context_length(self) -> int | None:
+        """Most tokens the model takes (its config's ``max_position_embeddings`` or the like,
+        else the tokenizer's ``model_max_length`` when that is a real limit; ``None``: unknown)."""
+        cfg = self.hf.config
+        text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        for c in (text_cfg, cfg):
+            for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+                v = getattr(c, name, None)
+                if isinstance(v, int) and not isinstance(v, bool) and 0 < v < 10**8:
+                    return v
+        v = getattr(self.tokenizer, "model_max_length", None)
+        return v if isinstance(v, int) and 0 < v < 10**8 else None
+
+    @property
     def template(self) -> ChatTemplate:
-        """The chat template with detected instruction/post-instruction positions."""
+        """The chat template with detected instruction/post-instruction positions; it checks
+        prompts against :attr:`context_length` and truncates them when
+        :attr:`truncate_prompts` is set."""
         if self._template is None:
             self._template = ChatTemplate(
-                self.tokenizer, system_prompt=self.system_prompt, chat_template=self.chat_template
+                self.tokenizer, system_prompt=self.system_prompt, chat_template=self.chat_template,
+                context_length=self.context_length,
             )
+        self._template.truncate = bool(self.truncate_prompts)
         return self._template
 
     def describe(self) -> dict[str, Any]:

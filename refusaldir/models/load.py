@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from refusaldir.errors import ModelLoadError
+from refusaldir.errors import ModelLoadError, ResourceError
 from refusaldir.models.chat_model import ChatModel, input_device
 from refusaldir.models.embedded import (
     EMBEDDED,
@@ -176,6 +176,7 @@ def load_model(
     max_memory: dict[Any, Any] | None = None,
     offload_folder: str | os.PathLike[str] | None = None,
     full_hash: bool = False,
+    truncate_prompts: bool = False,
 ) -> ChatModel:
     """Load a chat model and wrap it in a ``TransformerBridge``.
 
@@ -194,6 +195,8 @@ def load_model(
         system_prompt: system message for every prompt; ``None`` keeps the template's own
             default (Qwen's template inserts its built-in system prompt; most others none).
         chat_template: a Jinja chat template to use when the tokenizer has none.
+        truncate_prompts: cut prompts longer than the model's context window (the end of the
+            instruction goes; the template is kept) with a warning, instead of refusing them.
 
     The caller's tokenizer is used as given and never modified (refusaldir pads by hand, on
     the left).
@@ -208,7 +211,8 @@ def load_model(
         return spec
     dev = resolve_device(device if device_map is None else (device or "cpu"))
     dt = resolve_dtype(dtype, dev)
-    kw: dict[str, Any] = dict(system_prompt=system_prompt, chat_template=chat_template, revision=revision)
+    kw: dict[str, Any] = dict(system_prompt=system_prompt, chat_template=chat_template, revision=revision,
+                              truncate_prompts=bool(truncate_prompts))
     fingerprint = state_dict_hash if full_hash else weights_fingerprint
 
     from transformer_lens.model_bridge import TransformerBridge
@@ -282,30 +286,64 @@ def _locate(spec_str: str) -> tuple[str, str, str]:
     return spec_str, "", spec_str
 
 
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` forbid downloads."""
+    return any(os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _pretrained(
+    source: str, dt: torch.dtype, revision: str | None, trust_remote_code: bool, tokenizer: Any,
+    placement: dict[str, Any], local_only: bool,
+) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = tokenizer or AutoTokenizer.from_pretrained(
+        source, revision=revision, trust_remote_code=trust_remote_code, local_files_only=local_only
+    )
+    hf = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dt, revision=revision, trust_remote_code=trust_remote_code,
+        local_files_only=local_only, **placement,
+    )
+    return tok, hf
+
+
 def _from_pretrained(
     spec_str: str, source: str, dt: torch.dtype, revision: str | None, trust_remote_code: bool,
     tokenizer: Any, placement: dict[str, Any],
 ) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     local = Path(source).is_dir()
+    args = (source, dt, revision, trust_remote_code, tokenizer, placement)
     try:
         if tokenizer is None and local and not any(
             (Path(source) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
         ):
             raise ModelLoadError(
                 f"{source} has no tokenizer (tokenizer.json / tokenizer_config.json); save the "
-                "tokenizer into the folder (tokenizer.save_pretrained) or pass tokenizer="
+                "model's tokenizer into the folder (tokenizer.save_pretrained(folder)), or in "
+                "Python pass load_model(..., tokenizer=...)"
             )
-        tok = tokenizer or AutoTokenizer.from_pretrained(
-            source, revision=revision, trust_remote_code=trust_remote_code, local_files_only=local
-        )
-        hf = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dt, revision=revision, trust_remote_code=trust_remote_code,
-            local_files_only=local, **placement,
-        )
+        if local:
+            return _pretrained(*args, local_only=True)
+        try:  # a hub id: the local Hugging Face cache first, so no network call when it is there
+            return _pretrained(*args, local_only=True)
+        except OSError as exc:
+            if hub_offline():
+                raise ModelLoadError(
+                    f"model {spec_str!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE "
+                    "is set, so it cannot be downloaded; download it once with network access "
+                    "(or unset HF_HUB_OFFLINE), or pass a local folder, a .gguf file, 'demo' or "
+                    "'smollm2'"
+                ) from exc
+        return _pretrained(*args, local_only=False)
     except ModelLoadError:
         raise
+    except (MemoryError, torch.OutOfMemoryError) as exc:
+        raise ResourceError(
+            f"out of memory loading {spec_str!r} in {str(dt).removeprefix('torch.')}; pass a smaller "
+            "dtype (--dtype bfloat16), or split it with device_map='auto' (--device-map auto) and "
+            "offload_folder"
+        ) from exc
     except OSError as exc:
         raise ModelLoadError(
             f"could not load model {spec_str!r}: {exc}. Without network access use 'demo', "
@@ -318,11 +356,16 @@ def _from_pretrained(
                 f"{exc}. A dict device_map must give a device for every module (e.g. "
                 "'model.layers.12'), or use device_map='auto'"
             ) from exc
-        raise ModelLoadError(
-            f"could not load model {spec_str!r}: {type(exc).__name__}: {exc}. The weight files "
-            "may be corrupt or truncated; re-download or re-save the model"
-        ) from exc
-    return tok, hf
+        raise _corrupt(spec_str, exc) from exc
+    except Exception as exc:  # noqa: BLE001 - safetensors' SafetensorError, struct.error, ...
+        raise _corrupt(spec_str, exc) from exc
+
+
+def _corrupt(spec_str: str, exc: BaseException) -> ModelLoadError:
+    return ModelLoadError(
+        f"could not load model {spec_str!r}: {type(exc).__name__}: {exc}. The weight files "
+        "may be corrupt or truncated; re-download or re-save the model"
+    )
 
 
 def _name_of(hf: Any) -> str:

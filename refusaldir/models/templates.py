@@ -10,12 +10,19 @@ generation starts), which makes them identical for every prompt in a left-padded
 
 Both are found by rendering several different instructions and taking the longest common
 token suffix, so no template string is hard-coded.
+
+Prompts are checked against the model's context window (``context_length``) before any
+forward pass (:meth:`ChatTemplate.check_lengths`): a prompt that does not fit is refused,
+or, with ``truncate=True`` (``load_model(..., truncate_prompts=True)``, ``--truncate-prompts``),
+its instruction is cut to fit, keeping the template's head and post-instruction tail, with
+a :class:`PromptTruncatedWarning`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Sequence
 from functools import cached_property
 from typing import Any
@@ -23,7 +30,13 @@ from typing import Any
 import torch
 from jaxtyping import Int
 
-from refusaldir.errors import TemplateError
+from refusaldir.errors import ConfigError, TemplateError
+
+__all__ = ["ChatTemplate", "PromptTruncatedWarning"]
+
+class PromptTruncatedWarning(RuntimeWarning):
+    """Prompts longer than the context window were cut to fit (``truncate_prompts=True``)."""
+
 
 _SENTINELS = (
     "Summarise the plot of a film",
@@ -43,9 +56,17 @@ class ChatTemplate:
     """
 
     def __init__(
-        self, tokenizer: Any, system_prompt: str | None = None, chat_template: str | None = None
+        self,
+        tokenizer: Any,
+        system_prompt: str | None = None,
+        chat_template: str | None = None,
+        *,
+        context_length: int | None = None,
+        truncate: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.truncate = truncate
         self.system_prompt = system_prompt
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
         if not self.chat_template:
@@ -80,7 +101,15 @@ class ChatTemplate:
     @cached_property
     def post_instruction_ids(self) -> tuple[int, ...]:
         """Token ids of the template after the instruction (shared by every prompt)."""
-        renders = [self._ids(self.format(s)) for s in _SENTINELS]
+        texts = [self.format(s) for s in _SENTINELS]
+        missing = [s for s, t in zip(_SENTINELS, texts) if s not in t]
+        if missing:
+            raise TemplateError(
+                f"the chat template does not put the user's message into the prompt (rendering "
+                f"{missing[0]!r} gave {texts[0][:80]!r}); pass a chat template that renders "
+                "message['content']"
+            )
+        renders = [self._ids(t) for t in texts]
         n = 0
         while all(n < len(r) for r in renders) and len({r[-1 - n] for r in renders}) == 1:
             n += 1
@@ -90,6 +119,90 @@ class ChatTemplate:
                 "ends with the instruction itself. Pass a template that adds a generation prompt"
             )
         return tuple(renders[0][-n:])
+
+    @cached_property
+    def n_head(self) -> int:
+        """Number of template tokens before the instruction (system prompt, role header)."""
+        renders = [self._ids(self.format(s)) for s in _SENTINELS]
+        n = 0
+        while all(n < len(r) for r in renders) and len({r[n] for r in renders}) == 1:
+            n += 1
+        return n
+
+    def lengths(self, instructions: Sequence[str]) -> list[int]:
+        """Token count of each instruction once formatted with the template."""
+        texts = [self.format(i) for i in instructions]
+        return [len(r) for r in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def check_lengths(
+        self, instructions: Sequence[str], *, reserve: int = 0, what: str = "prompts"
+    ) -> list[int]:
+        """Check that every formatted instruction fits the context window, before any work.
+
+        ``reserve`` tokens are kept free (``max_new_tokens`` when generating). A prompt that
+        does not fit raises :class:`~refusaldir.errors.ConfigError` naming it, unless
+        ``truncate`` is set: then a :class:`PromptTruncatedWarning` says how many prompts
+        :meth:`encode` will cut. Returns the token counts.
+
+        Example:
+            >>> model.template.check_lengths(["Hi"], reserve=64)  # doctest: +SKIP
+            [30]
+        """
+        lengths = self.lengths(instructions)
+        budget = self.budget(reserve)
+        if budget is None:
+            return lengths
+        long = [i for i, n in enumerate(lengths) if n > budget]
+        if not long:
+            return lengths
+        room = f"the model's context window of {self.context_length} tokens" + (
+            f" less max_new_tokens={reserve}" if reserve else "")
+        if not self.truncate:
+            i = long[0]
+            raise ConfigError(
+                f"{what}[{i}] ({instructions[i][:40]!r}…) is {lengths[i]} tokens long with the chat "
+                f"template, more than {room} ({budget} tokens)"
+                + (f"; {len(long)} prompts are too long" if len(long) > 1 else "")
+                + ". Shorten or drop it, or pass truncate_prompts=True to cut the instruction to fit"
+            )
+        warnings.warn(
+            f"{len(long)} of {len(lengths)} {what} are longer than {room}; their instructions "
+            f"are cut to fit {budget} tokens (the chat template is kept)",
+            PromptTruncatedWarning, stacklevel=2,
+        )
+        return lengths
+
+    def budget(self, reserve: int = 0) -> int | None:
+        """Most prompt tokens that fit with ``reserve`` tokens kept free (``None``: no limit)."""
+        if self.context_length is None:
+            return None
+        budget = int(self.context_length) - int(reserve)
+        need = self.n_head + 1 + self.n_post
+        if budget < need:
+            raise ConfigError(
+                f"the model's context window ({self.context_length} tokens) leaves {budget} tokens "
+                f"for the prompt after reserving {reserve}, but the chat template alone takes "
+                f"{need - 1}; lower max_new_tokens or shorten the system prompt"
+            )
+        return budget
+
+    def _fit(self, rows: list[list[int]], limit: int | None, instructions: Sequence[str]) -> list[list[int]]:
+        """Rows cut to ``limit`` tokens (instruction end dropped, template tail kept) or refused."""
+        if limit is None or all(len(r) <= limit for r in rows):
+            return rows
+        out = []
+        for i, r in enumerate(rows):
+            if len(r) <= limit:
+                out.append(r)
+            elif not self.truncate:
+                raise ConfigError(
+                    f"prompt {instructions[i][:40]!r}… is {len(r)} tokens long with the chat template, "
+                    f"more than the {limit} that fit the model's context window; shorten it, or "
+                    "pass truncate_prompts=True to cut the instruction to fit"
+                )
+            else:
+                out.append(r[: limit - self.n_post] + r[-self.n_post :])
+        return out
 
     @property
     def pad_id(self) -> int:
@@ -133,13 +246,18 @@ class ChatTemplate:
     def encode(
         self, instructions: Sequence[str], max_length: int | None = None
     ) -> dict[str, Int[torch.Tensor, "batch seq"]]:
-        """Format and tokenize a batch, left-padded, with ``position_ids`` that skip padding."""
+        """Format and tokenize a batch, left-padded, with ``position_ids`` that skip padding.
+
+        A prompt longer than ``max_length`` (default: the context window) is refused, or with
+        ``truncate`` set its instruction is cut, keeping the post-instruction tokens.
+        """
         if not instructions:
             raise TemplateError("encode() got no instructions; pass at least one prompt")
         texts = [self.format(i) for i in instructions]
-        rows = self.tokenizer(
-            texts, add_special_tokens=False, truncation=max_length is not None, max_length=max_length,
-        )["input_ids"]
+        rows = self._fit(
+            [list(r) for r in self.tokenizer(texts, add_special_tokens=False)["input_ids"]],
+            max_length if max_length is not None else self.budget(), instructions,
+        )
         # Left-pad by hand: the tokenizer (the caller's object) is never modified, and
         # needs no pad token of its own.
         width = max(len(r) for r in rows)

@@ -11,6 +11,8 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -86,14 +88,17 @@ class SelectionConfig:
         if self.method == "naive" and self.mode != "exact":
             raise ConfigError("method='naive' (the straightforward loop) exists for mode='exact' only")
         check_batch_size(self.batch_size)
-        for name in ("n_val", "top_k", "fast_keep", "fast_prompts", "detect_max_new_tokens"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("n_val", "top_k", "fast_keep", "fast_prompts", "detect_max_new_tokens", "n_bootstrap", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ConfigError(f"{name}={v!r} must be a whole number")
+            if name not in ("n_bootstrap", "seed") and v < 1:
+                raise ConfigError(f"{name}={v} must be >= 1")
         if int(self.n_bootstrap) < 0:
             raise ConfigError(f"n_bootstrap={self.n_bootstrap} must be >= 0 (0 disables it)")
         for name in ("kl_max", "induce_min", "max_layer_frac", "cosine_layer_frac"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
                 raise ConfigError(f"{name}={v!r} must be a finite number")
         if self.kl_max < 0:
             raise ConfigError(f"kl_max={self.kl_max} must be >= 0 (e.g. 0.1)")
@@ -101,23 +106,29 @@ class SelectionConfig:
             raise ConfigError(f"max_layer_frac={self.max_layer_frac} must be in (0, 1] (e.g. 0.8)")
         if not 0 < self.cosine_layer_frac <= 1:
             raise ConfigError(f"cosine_layer_frac={self.cosine_layer_frac} must be in (0, 1]")
-        self.kl_relax = tuple(float(k) for k in self.kl_relax)
+        try:
+            self.kl_relax = tuple(float(k) for k in self.kl_relax)
+        except (TypeError, ValueError):
+            raise ConfigError(f"kl_relax={self.kl_relax!r} must be a list of numbers") from None
         if any(not math.isfinite(k) or k <= 0 for k in self.kl_relax):
             raise ConfigError(f"kl_relax={self.kl_relax} must hold positive finite KL bounds")
-        if self.positions is not None:
-            self.positions = [int(p) for p in self.positions]
-            if not self.positions:
-                raise ConfigError("positions is empty; pass None for every post-instruction position")
-        if self.layers is not None:
-            self.layers = [int(x) for x in self.layers]
-            if not self.layers:
-                raise ConfigError("layers is empty; pass None for every layer of the direction set")
-        if self.refusal_ids is not None:
-            self.refusal_ids = [int(i) for i in self.refusal_ids]
-            if not self.refusal_ids:
-                raise ConfigError("refusal_ids is empty; pass None to detect them")
+        self.positions = _ints(self.positions, "positions", "pass None for every post-instruction position")
+        self.layers = _ints(self.layers, "layers", "pass None for every layer of the direction set")
+        self.refusal_ids = _ints(self.refusal_ids, "refusal_ids", "pass None to detect them")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["kl_relax"] = list(self.kl_relax)
         return d
+
+
+def _ints(values: Any, name: str, fix: str) -> list[int] | None:
+    """``values`` as a non-empty list of whole numbers (``None`` stays ``None``)."""
+    if values is None:
+        return None
+    items = [values] if isinstance(values, (str, bytes)) or not isinstance(values, Iterable) else list(values)
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in items):
+        raise ConfigError(f"{name}={values!r} must be a list of whole numbers")
+    if not items:
+        raise ConfigError(f"{name} is empty; {fix}")
+    return [int(v) for v in items]

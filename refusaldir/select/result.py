@@ -10,14 +10,21 @@ Example:
 
 from __future__ import annotations
 
-import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from refusaldir.errors import ArtifactError, ConfigError
-from refusaldir.io import atomic_write_json, atomic_write_text, ensure_writable, to_jsonable
+from refusaldir.io import (
+    atomic_write_files,
+    dumps,
+    field_error,
+    folder_lock,
+    read_json,
+    to_jsonable,
+)
 from refusaldir.judges import RefusalTokens
 from refusaldir.select import figures
 from refusaldir.select.config import FIGURES_FILE, SELECTION_FILE, SelectionConfig
@@ -25,9 +32,52 @@ from refusaldir.select.config import FIGURES_FILE, SELECTION_FILE, SelectionConf
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
-__all__ = ["CandidateScore", "SelectionResult", "score_fields"]
+__all__ = ["CandidateScore", "SelectionResult", "check_record", "score_fields"]
 
 SCORE_FIELDS = ("bypass", "induce", "kl", "cosine", "proxy", "status", "rank")
+NUMBER_FIELDS = ("bypass", "induce", "kl", "cosine", "cos_ablation", "cos_addition", "proxy", "norm")
+MALFORMED = "the selection record is malformed"
+FIX = "pass a selection.json written by `refusaldir select` or an audit"
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x))
+
+
+def check_record(d: dict[str, Any]) -> None:
+    """Raise :class:`ArtifactError` naming the field unless a selection record (``selection.json``
+    parsed) has the types :meth:`SelectionResult.from_dict` relies on: integer positions and
+    layers, finite numbers (or ``null``) for scores, the pick and ``top_k`` among the candidates."""
+    def pair(name: str, x: Any) -> tuple[int, int]:
+        if not (isinstance(x, dict) and _is_int(x.get("pos")) and _is_int(x.get("layer"))):
+            raise field_error(MALFORMED, name, x, "an object with integer pos and layer", FIX)
+        return (x["pos"], x["layer"])
+
+    if not isinstance(d["mode"], str):
+        raise field_error(MALFORMED, "mode", d["mode"], "a string", FIX)
+    if not isinstance(d["candidates"], list) or not d["candidates"]:
+        raise field_error(MALFORMED, "candidates", d["candidates"], "a non-empty list", FIX)
+    keys = set()
+    for i, c in enumerate(d["candidates"]):
+        keys.add(pair(f"candidates[{i}]", c))
+        for k in NUMBER_FIELDS:
+            if not _is_number(c.get(k)):
+                raise field_error(MALFORMED, f"candidates[{i}].{k}", c.get(k), "a finite number or null", FIX)
+        if not isinstance(c.get("status", ""), str) or not (c.get("rank") is None or _is_int(c["rank"])):
+            raise field_error(MALFORMED, f"candidates[{i}]", c, "a string status and an integer rank", FIX)
+    picks = [("selected", d["selected"])] + [(f"top_k[{i}]", t) for i, t in enumerate(d.get("top_k") or [])]
+    for name, x in picks:
+        if pair(name, x) not in keys:
+            raise field_error(MALFORMED, name, x, "one of the candidates", FIX)
+    for k in ("relaxation", "stability", "timings", "baseline", "model", "prompts", "work", "config"):
+        if not isinstance(d.get(k) or {}, dict):
+            raise field_error(MALFORMED, k, d[k], "an object", FIX)
+    if not all(_is_number(v) for v in (d.get("timings") or {}).values()):
+        raise field_error(MALFORMED, "timings", d["timings"], "finite numbers of seconds", FIX)
 
 
 @dataclass
@@ -146,6 +196,7 @@ class SelectionResult:
                 "written by `refusaldir select` or an audit"
             )
         d = to_jsonable(d)  # NaN/inf → None, as when it was saved
+        check_record(d)
         try:
             names = {f.name for f in fields(SelectionConfig)}
             saved = {k: v for k, v in (d.get("config") or {}).items() if k in names}
@@ -188,11 +239,7 @@ class SelectionResult:
             raise ArtifactError(
                 f"{path} does not exist; pass a selection.json written by a selection or audit"
             )
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ArtifactError(f"{path} is not valid JSON ({exc}); re-run the selection") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, "re-run the selection"))
 
     def metadata(self) -> dict[str, Any]:
         """The compact record stored in ``DirectionSet.metadata["selected"]``."""
@@ -212,9 +259,11 @@ class SelectionResult:
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Write ``selection.json`` (strict JSON) and ``selection.html`` (offline, plotly.js
-        inlined), each atomically; returns the JSON file's path."""
-        out = Path(folder)
-        ensure_writable(out)
-        path = atomic_write_json(out / SELECTION_FILE, self.to_dict())
-        atomic_write_text(out / FIGURES_FILE, figures.figures_html(self.figures()))
-        return path
+        inlined) as one unit (:func:`refusaldir.io.atomic_write_files`, under the folder's lock,
+        so a full disk or a signal leaves the previous pair); returns the JSON file's path."""
+        out = Path(folder).expanduser()
+        html = figures.figures_html(self.figures()).encode("utf-8")
+        with folder_lock(out):
+            atomic_write_files(out, {FIGURES_FILE: html, SELECTION_FILE: dumps(self.to_dict()).encode()},
+                               lock=False)
+        return out / SELECTION_FILE

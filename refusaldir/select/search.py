@@ -51,11 +51,11 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Any
 
-from refusaldir.data import load_prompts
-from refusaldir.errors import ConfigError, PromptFileError
+from refusaldir.data import check_prompts, load_prompts
+from refusaldir.errors import ConfigError
 from refusaldir.select import checkpoint, criteria, naive, report, scoring, stability
 from refusaldir.select.config import CANDIDATES_PER_PASS, Key, SelectionConfig
 from refusaldir.select.criteria import Level
@@ -267,19 +267,17 @@ def select_direction(
         >>> ds.refusal_direction().layer == res.layer  # doctest: +SKIP
         True
     """
-    if config is None:
-        cfg = SelectionConfig(**overrides)
-    else:
-        try:
-            cfg = replace(config, **overrides)
-        except TypeError as exc:
-            raise ConfigError(f"unknown selection setting: {exc}") from None
+    unknown = sorted(set(overrides) - {f.name for f in fields(SelectionConfig)})
+    if unknown:
+        raise ConfigError(f"unknown selection setting(s) {unknown}; see refusaldir.select.SelectionConfig")
+    cfg = SelectionConfig(**overrides) if config is None else replace(config, **overrides)
+    harmful = check_prompts(harmful_val if harmful_val is not None else load_prompts("harmful", "val"),
+                            "harmful_val")[: cfg.n_val]
+    harmless = check_prompts(harmless_val if harmless_val is not None else load_prompts("harmless", "val"),
+                             "harmless_val")[: cfg.n_val]
     directions.check_model(model)
-    harmful = list(harmful_val if harmful_val is not None else load_prompts("harmful", "val"))
-    harmless = list(harmless_val if harmless_val is not None else load_prompts("harmless", "val"))
-    harmful, harmless = harmful[: cfg.n_val], harmless[: cfg.n_val]
-    if not harmful or not harmless:
-        raise PromptFileError("selection needs harmful and harmless validation prompts; got an empty set")
+    model.template.check_lengths(harmful, what="harmful_val")
+    model.template.check_lengths(harmless, what="harmless_val")
     result = run_selection(SelectionState.create(model, directions, harmful, harmless, cfg))
     if record:
         directions.select(result.pos, result.layer, **result.metadata())

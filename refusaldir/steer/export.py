@@ -2,8 +2,8 @@
 
 :func:`save_orthogonalized` writes safetensors weights, config, tokenizer (with the chat
 template), generation config, a model card (``README.md``) and :data:`PROVENANCE_FILE`, all
-into a temporary sibling folder that replaces ``out`` only once complete
-(:mod:`refusaldir.io`).
+into a temporary sibling folder that replaces ``out`` only once complete, under a lock file
+(:func:`refusaldir.io.staged_dir`).
 
 Example:
     >>> import refusaldir as rd  # doctest: +SKIP
@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,8 +26,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from refusaldir.directions import Direction, DirectionSet
-from refusaldir.errors import ArtifactError
-from refusaldir.io import commit_dir, dumps, make_tmp_dir, prepare_out
+from refusaldir.io import dumps, prepare_out, staged_dir
 from refusaldir.models import stop_token_ids
 from refusaldir.steer.directions_io import as_direction, check_direction, vector_sha256
 from refusaldir.steer.orthogonalize import edited_parameters, orthogonalize_with_info
@@ -57,8 +55,9 @@ def save_orthogonalized(
     ``README.md`` (a model card saying what was edited, with which direction, and where the
     direction came from) and ``refusaldir_orthogonalization.json`` (the same, machine readable,
     with the direction vector). Everything is written to a temporary sibling folder that is
-    renamed into place at the end, so an error never leaves a half-written ``out``. An existing,
-    non-empty ``out`` is refused unless ``force=True`` (and kept if writing fails). The weights
+    renamed into place at the end, so an error, a full disk or a signal never leaves a
+    half-written ``out``. An existing, non-empty ``out`` is refused unless ``force=True`` (and
+    kept if writing fails); a concurrent writer of ``out`` waits for the lock. The weights
     keep the model's dtype; they are written from the device the model is on.
 
     Example:
@@ -69,8 +68,7 @@ def save_orthogonalized(
     prepare_out(target, force)
     d = as_direction(direction)
     check_direction(model, d)
-    tmp = make_tmp_dir(target.parent, target.name)
-    try:
+    with staged_dir(target, force=force) as tmp:
         ortho, untied = orthogonalize_with_info(model, d)
         ortho.generation_config.eos_token_id = stop_token_ids(model)
         if ortho.generation_config.pad_token_id is None and model.tokenizer.pad_token_id is not None:
@@ -83,16 +81,6 @@ def save_orthogonalized(
         info = provenance(model, d, ortho, directions, untied)
         (tmp / PROVENANCE_FILE).write_text(dumps(info))
         (tmp / "README.md").write_text(model_card(info))
-        commit_dir(tmp, target)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ArtifactError(
-            f"could not write {target} ({exc.strerror or exc}); nothing was left behind — check "
-            "free disk space and permissions"
-        ) from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

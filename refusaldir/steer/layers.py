@@ -18,7 +18,7 @@ import torch
 
 from refusaldir.batching import AUTO, BatchSize
 from refusaldir.capture import project
-from refusaldir.data import load_prompts
+from refusaldir.data import check_prompts, load_prompts
 from refusaldir.directions import DirectionSet
 from refusaldir.errors import ArtifactError, ConfigError
 from refusaldir.stats import separation_table
@@ -51,8 +51,8 @@ def layer_scores(
     """
     if not 0 < max_frac <= 1:
         raise ConfigError(f"max_frac={max_frac} must be in (0, 1]")
-    harmful = list(harmful) if harmful is not None else list(load_prompts("harmful", "val"))
-    harmless = list(harmless) if harmless is not None else list(load_prompts("harmless", "val"))
+    harmful = check_prompts(harmful if harmful is not None else load_prompts("harmful", "val"), "harmful")
+    harmless = check_prompts(harmless if harmless is not None else load_prompts("harmless", "val"), "harmless")
     if not harmful or not harmless:
         raise ConfigError("layer_scores needs harmful and harmless validation prompts")
     ds.check_model(model)
