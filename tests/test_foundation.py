@@ -426,3 +426,16 @@ def test_weights_fingerprint_is_cheap_and_sees_edits():
     with torch.no_grad():
         hf.model.embed_tokens.weight[0, 0] += 1.0  # first element: always in the fixed sample
     assert weights_fingerprint(hf) != fp and state_dict_hash(hf) != full
+
+
+def test_device_map_missing_a_layer_is_a_clear_error(tmp_path):
+    from refusaldir.errors import ModelLoadError
+
+    tok = make_tokenizer("chatml")
+    hf = make_hf_model("qwen2", vocab_size=len(tok))
+    hf.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "lm_head": "cpu",
+                  "model.layers.0": "cpu", "model.layers.1": "cpu", "model.layers.2": "cpu"}  # no layer 3
+    with pytest.raises(ModelLoadError, match="device_map.*every module"):
+        rd.load_model(str(tmp_path / "m"), device_map=device_map, dtype="float32")

@@ -240,6 +240,8 @@ def load_model(
     placement: dict[str, Any] = {}
     if device_map is not None:
         placement = {"device_map": device_map, "max_memory": max_memory}
+        if isinstance(device_map, dict):
+            check_device_map(source, device_map, revision=revision, trust_remote_code=trust_remote_code)
         if offload_folder is not None:
             placement["offload_folder"] = str(offload_folder)
     tok, hf = _from_pretrained(spec_str, source, dt, revision, trust_remote_code, tokenizer, placement)
@@ -370,3 +372,26 @@ def _corrupt(spec_str: str, exc: BaseException) -> ModelLoadError:
 
 def _name_of(hf: Any) -> str:
     return str(getattr(hf.config, "name_or_path", "") or type(hf).__name__)
+
+
+def check_device_map(source: str, device_map: dict[str, Any], *, revision: str | None = None,
+                     trust_remote_code: bool = False) -> None:
+    """Refuse a dict ``device_map`` that leaves any weight without a device (transformers
+    would otherwise load such a model and fail later, or leave weights unplaced)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if "" in device_map:
+        return
+    cfg = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    missing = [name for name, _ in skeleton.named_parameters()
+               if not any(name == k or name.startswith(k + ".") for k in device_map)]
+    if missing:
+        modules = sorted({n.rsplit(".", 1)[0] for n in missing})
+        raise ModelLoadError(
+            f"device_map gives no device for {len(missing)} weights, e.g. in {', '.join(modules[:3])}; "
+            "a dict device_map must give a device for every module (e.g. 'model.layers.12': 0), "
+            "or use device_map='auto'"
+        )
