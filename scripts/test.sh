@@ -12,7 +12,7 @@ fi
 .venv/bin/ruff check refusaldir tests bench
 .venv/bin/mypy refusaldir
 .venv/bin/lint-imports
-# Everything: unit tests, then the science checks on the real models (about 40 min on 2 idle
+# Everything: unit tests, then the science checks on the real models (about 37 min on 2
 # CPU cores, most of it the `heavy` ones). Extra arguments go to pytest, e.g.
 # `-m "not integration"` (unit tests only, ~2 min) or `-m "not heavy"`.
 exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"
