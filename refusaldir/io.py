@@ -42,7 +42,7 @@ from typing import Any
 from refusaldir.errors import ArtifactError
 
 __all__ = [
-    "atomic_write_bytes", "atomic_write_files", "atomic_write_json", "atomic_write_text",
+    "expand_user", "atomic_write_bytes", "atomic_write_files", "atomic_write_json", "atomic_write_text",
     "commit_dir", "dumps", "ensure_writable", "field_error", "folder_lock", "loads_strict",
     "make_tmp_dir", "prepare_out", "read_json", "sha256_bytes", "sha256_file",
     "staged_dir", "tmp_file_in", "to_jsonable", "versions",
@@ -76,6 +76,18 @@ def _version(pkg: str) -> str:
 def versions() -> dict[str, str]:
     """Installed versions of the packages that shape refusaldir's numbers."""
     return {pkg: _version(pkg) for pkg in VERSIONED_PACKAGES}
+
+
+def expand_user(path: str | os.PathLike[str]) -> Path:
+    """``Path(path).expanduser()``, with ``~unknown_user/...`` an ArtifactError instead of
+    Python's RuntimeError."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError as exc:
+        raise ArtifactError(
+            f"path {os.fspath(path)!r} starts with '~' but that home folder cannot be found; "
+            "write the path out in full"
+        ) from exc
 
 
 # ----------------------------------------------------------------------------- JSON

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from refusaldir.errors import ArtifactError, ConfigError
+from refusaldir.io import expand_user
 
 __all__ = [
     "check_judge_spec", "check_writable", "parse_add", "parse_batch_size", "parse_device_map", "parse_ints", "parse_layers",
@@ -43,7 +44,7 @@ def parse_device_map(text: str | None) -> str | dict[str, Any] | None:
     """``auto``/``balanced``/``sequential`` or a JSON file mapping module names to devices."""
     if text is None or text in ("auto", "balanced", "balanced_low_0", "sequential"):
         return text
-    path = Path(text).expanduser()
+    path = expand_user(text)
     if not path.is_file():
         raise ConfigError(
             f"--device-map {text!r} is neither 'auto', 'balanced', 'sequential' nor a JSON file; "
@@ -137,7 +138,7 @@ def check_writable(path: str | os.PathLike[str], flag: str = "--out") -> None:
     """Check, before any work and without creating anything, that ``path`` (a folder to
     write, existing or not) can be created or written: its nearest existing ancestor must
     be a writable folder."""
-    target = Path(path).expanduser()
+    target = expand_user(path)
     probe = target
     while not probe.exists():
         if probe.parent == probe:
@@ -157,7 +158,7 @@ def check_judge_spec(spec: str) -> None:
     if spec in ("phrase", "logit"):
         return
     if spec.startswith("model:"):
-        path = Path(spec.removeprefix("model:")).expanduser()
+        path = expand_user(spec.removeprefix("model:"))
         if not (path.is_dir() or (path.suffix == ".gguf" and path.is_file())):
             raise ConfigError(f"--judge {spec!r}: {path} is not a model folder or .gguf file; check the path")
         return

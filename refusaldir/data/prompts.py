@@ -22,6 +22,7 @@ from typing import Any, overload
 
 from refusaldir.data.readers import merged_row, prompt_text, read_rows
 from refusaldir.errors import ConfigError, PromptFileError
+from refusaldir.io import expand_user
 
 PROMPT_COLUMNS = (
     "prompt", "goal", "instruction", "behavior", "forbidden_prompt", "question", "query",
@@ -171,7 +172,7 @@ def load_prompts(
                 raise PromptFileError(f"split {split!r} is not one of {SPLITS}")
             path = prompts_dir() / f"{name}_{split}.jsonl"
     else:
-        path = Path(source).expanduser()
+        path = expand_user(source)
         if split is not None:
             raise PromptFileError(
                 f"split={split!r} only applies to the shipped sets {SHIPPED}; for {path} omit it"

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from refusaldir.errors import ModelLoadError, ResourceError
+from refusaldir.io import expand_user
 from refusaldir.models.chat_model import ChatModel, input_device
 from refusaldir.models.embedded import (
     EMBEDDED,
@@ -267,12 +268,12 @@ def _locate(spec_str: str) -> tuple[str, str, str]:
             folder, whash = gguf_folder(gguf, "smollm2")
         return str(folder), whash, emb.bridge_name
     if spec_str.endswith(".gguf"):
-        gguf = Path(spec_str).expanduser()
+        gguf = expand_user(spec_str)
         if not gguf.is_file():
             raise ModelLoadError(f"GGUF file {gguf} does not exist; check the path")
         folder, whash = gguf_folder(gguf, gguf.stem)
         return str(folder), whash, spec_str
-    path = Path(spec_str).expanduser()
+    path = expand_user(spec_str)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(
