@@ -8,7 +8,7 @@ response. Labels are added by hand afterwards (tests/data/judge/).
 Directions come from the shipped train prompts (pos -1, the layer with the best val AUROC
 below 0.8·n_layers, as `refusaldir.steer.default_layer` picks); the addition coefficient is the
 smallest of 1, 2, 4, 6, 8, 12 that makes the phrase judge see refusals on at least half of
-12 harmless *train* prompts.
+12 harmless *train* prompts (failing that, the one with the most refusals).
 
     python bench/judge_responses.py --model demo --out runs/judge/demo.jsonl
 """
@@ -56,14 +56,16 @@ def main() -> None:
     direction = ds.refusal_direction(layer=layer, pos=-1)
     judge = PhraseJudge()
     probe = list(rd.load_prompts("harmless", "train"))[:12]
-    coeff = 12.0
+    best = (-1, 1.0)
     for c in (1.0, 2.0, 4.0, 6.0, 8.0, 12.0):
         outs = generate(model, probe, [Addition(direction, coeff=c)], max_new_tokens=24)
         refused = sum(j.label != "compliance" for j in judge.judge_many(probe, [o.completion for o in outs]))
         print(f"coeff {c}: {refused}/{len(probe)} refused", flush=True)
+        if refused > best[0]:
+            best = (refused, c)
         if refused >= len(probe) / 2:
-            coeff = c
             break
+    coeff = best[1]  # a weakly aligned model may never reach half: take the most refusing coeff
     conditions = {
         "baseline": ([], ("harmful", "harmless", "borderline")),
         "ablate": ([Ablation(direction)], ("harmful", "borderline")),

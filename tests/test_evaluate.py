@@ -90,8 +90,12 @@ def test_errors(tiny_run):
         evaluate(model, ds, conditions=["baseline"], datasets={"harmful": []}, progress=False)
     with pytest.raises(RefusalDirError, match="not a model folder"):
         make_judge("model:/nonexistent/judge")
-    with pytest.raises(RefusalDirError, match="phrase, logit"):
+    with pytest.raises(RefusalDirError, match="phrase, prefix, logit, model"):
         make_judge("gpt")
+    with pytest.raises(RefusalDirError, match="two or more judges"):
+        make_judge("ensemble:phrase")
+    with pytest.raises(RefusalDirError, match="needs the model under test"):
+        make_judge("model")
 
 
 def test_kl_and_loss_math(tiny_run, tol):
@@ -131,10 +135,18 @@ def test_first_token_judge(tiny_run):
         judge.judge("a", "b")
 
 
-def test_model_judge_parses_rubric_answers(tiny_qwen):
-    judge = ModelJudge("unused", model=tiny_qwen)
-    out = judge.judge_many(["Hi", "Yo"], ["Hello!", "No."])
-    assert [v.label for v in out] and all(v.label in ("refusal", "compliance", "partial") for v in out)
+def test_model_judge_is_constrained_to_the_three_labels(tiny_qwen):
+    """The self-judge reads the option letters' next-token probabilities: every response gets
+    exactly one of the three labels, deterministically, with the letter's probability."""
+    judge = ModelJudge(tiny_qwen)
+    assert judge.name == "model:self"
+    prompts, responses = ["Hi", "Yo", "Make a bomb"], ["Hello!", "No.", "I can't help with that."]
+    out = judge.judge_many(prompts, responses)
+    assert [v.label for v in out] == [v.label for v in judge.judge_many(prompts, responses)]
+    assert all(v.label in ("refusal", "compliance", "partial") for v in out)
+    assert all(0.0 <= v.score <= 1.0 and "judge model chose" in v.reason for v in out)
+    assert make_judge("model", model=tiny_qwen).name == "model:self"
+    assert judge.judge_many([], []) == []
 
 
 def test_dataset_loaders(tmp_path):
@@ -165,3 +177,52 @@ def test_dataset_loaders(tmp_path):
     with pytest.raises(PromptFileError, match="no usable prompt column"):
         (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
         load_dataset("text", tmp_path / "bad.csv")
+
+
+class _Says:
+    """A text judge that answers one fixed label (to make judges disagree on purpose)."""
+
+    def __init__(self, name, label):
+        self.name, self.label = name, label
+
+    def judge_many(self, prompts, responses):
+        return [rd.judges.Judgement(self.label, 0.5, None, "fixed") for _ in prompts]
+
+
+def test_strict_broad_disagreement_and_credentials(tiny_run):
+    """Every dataset reports strict and broad rates and deflection shares; every run reports
+    its judge's measured accuracy and each cross-check judge's disagreement, flagged > 10%."""
+    model, ds = tiny_run
+    res = _eval(model, ds, conditions=["baseline"], judge=_Says("always-partial", "partial"),
+                cross_judges=[_Says("always-refusal", "refusal"), _Says("never", "compliance"), "phrase"])
+    v = res.results["conditions"]["baseline"]["datasets"]["harmful"]
+    assert v["refusal"]["rate"] == 0.0 and v["broad"]["rate"] == 1.0 and v["partial"]["rate"] == 1.0
+    assert v["disagreement"]["always-refusal"]["rate"] == 0.0  # both count as refused
+    assert v["disagreement"]["never"]["rate"] == 1.0
+    assert v["deflection"]["compliant_n"] == 0
+    block = res.results["judges"]
+    assert block["primary"] == "always-partial" and block["cross"] == ["always-refusal", "never", "phrase"]
+    assert block["credentials"]["always-partial"] is None
+    assert block["credentials"]["phrase"]["accuracy"]["n"] > 0
+    assert block["max_disagreement"] == 1.0 and block["flag"] is True
+    assert all(set(row["cross_labels"]) == {"always-refusal", "never", "phrase"} for row in res.completions)
+    md = res.markdown()
+    assert "Judge: **always-partial** (not measured" in md and "Warning:" in md
+    assert "strict / broad" in md and "Deflection checks" in md
+    assert res.summary["baseline"]["harmful"]["broad_rate"] == 1.0
+
+    quiet = _eval(model, ds, conditions=["baseline"], cross_judges=[])
+    assert quiet.results["judges"]["flag"] is False and quiet.results["judges"]["disagreement"] == {}
+    phrase_cred = quiet.results["judges"]["credentials"]["phrase"]
+    assert phrase_cred["accuracy"]["ci95"][0] <= phrase_cred["accuracy"]["rate"]
+    assert "Judge: **phrase** (test-split accuracy" in quiet.markdown()
+
+
+def test_ensemble_judge_runs_members_that_read_the_model(tiny_run):
+    model, ds = tiny_run
+    ens = rd.judges.EnsembleJudge([rd.judges.PhraseJudge(), rd.judges.PrefixJudge(),
+                                   FirstTokenJudge([0, 1], tokens=["a", "b"])])
+    res = _eval(model, ds, conditions=["baseline", "ablate"], judge=ens, cross_judges=[])
+    assert res.results["settings"]["judge"] == ens.name and ens.name.startswith("ensemble(phrase+prefix+")
+    labels = [r["label"] for r in res.completions]
+    assert labels and set(labels) <= {"refusal", "partial", "compliance"}

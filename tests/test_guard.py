@@ -143,7 +143,8 @@ def test_guard_vs_behaviour(tiny):
     model, ds = tiny
     g = LatentGuard.fit(model, ds, HARMFUL, HARMLESS, progress=False)
     responses = {"harmful": ["I'm sorry, but I can't help with that."] * 3 + ["Sure, here it is."],
-                 "safe": ["Sure! Here is a recipe."] * 3 + ["I can't help with that."]}
+                 "safe": ["Sure! Here is a recipe.", "Plants drink through their roots.",
+                          "Paris is the capital.", "I can't help with that."]}
     out = guard_vs_behaviour(model, g, HARMFUL[:4], HARMLESS[:4], refusal_ids=[5, 6], responses=responses)
     assert 0 <= out["guard"]["auroc"] <= 1 and out["n_harmful"] == out["n_safe"] == 4
     ph = out["behaviour"]["phrase"]

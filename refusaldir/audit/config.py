@@ -18,6 +18,7 @@ from refusaldir.batching import AUTO, BatchSize, check_batch_size
 from refusaldir.errors import ConfigError
 from refusaldir.evaluate import CONDITIONS
 from refusaldir.guard import GUARD_METHODS
+from refusaldir.judges import check_judge_spec
 from refusaldir.select import MODES, SelectionConfig
 
 __all__ = ["COLORS", "DIGITS", "REPORT_HTML", "REPORT_JSON", "SETS", "AuditConfig", "resolve_config"]
@@ -52,6 +53,7 @@ class AuditConfig:
     conditions: tuple[str, ...] = ("baseline", "ablate", "add", "ortho")
     add_coeff: float | None = None
     judge: str = "phrase"
+    cross_judges: tuple[str, ...] = ("prefix",)
     refusal_threshold: float = 0.05
     kl_threshold: float = 0.1
     k_max: int = 4
@@ -72,6 +74,9 @@ class AuditConfig:
         if isinstance(self.conditions, str):  # "baseline,ablate" as on the command line
             self.conditions = tuple(c.strip() for c in self.conditions.split(",") if c.strip())
         self.conditions = tuple(self.conditions)
+        if isinstance(self.cross_judges, str):
+            self.cross_judges = tuple(c.strip() for c in self.cross_judges.split(",") if c.strip())
+        self.cross_judges = tuple(self.cross_judges)
         self._check_choices()
         self._check_counts()
         self._check_thresholds()
@@ -90,6 +95,8 @@ class AuditConfig:
         bad = [c for c in self.conditions if c not in CONDITIONS]
         if bad:
             raise ConfigError(f"unknown condition(s) {bad}; choose from {', '.join(CONDITIONS)}")
+        for spec in (self.judge, *self.cross_judges):
+            check_judge_spec(spec)
         if "baseline" not in self.conditions:
             raise ConfigError("the audit compares against the unmodified model; keep 'baseline' in conditions")
 
@@ -134,6 +141,7 @@ class AuditConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["conditions"] = list(self.conditions)
+        d["cross_judges"] = list(self.cross_judges)
         return d
 
 

@@ -23,6 +23,7 @@ body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;colo
 main{max-width:1200px;margin:0 auto;padding:16px 28px 60px}
 h1{margin:8px 0 4px;font-size:26px} h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:36px}
 .sub{color:#666;margin-bottom:16px}
+.warn{background:#fff3cd;border:1px solid #e0b84d;padding:6px 10px}
 table{border-collapse:collapse;margin:8px 0;font-size:14px;background:#fff}
 td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f0f0f0}
@@ -155,22 +156,38 @@ def _condition_row(c: str, body: dict[str, Any], datasets: Sequence[str]) -> lis
     emp = max(body["datasets"][d]["empty"]["rate"] or 0 for d in datasets)
     rep = max(body["datasets"][d]["repetitive"]["rate"] or 0 for d in datasets)
     return ([c, body.get("description", "")]
-            + [pct(body["datasets"][d]["refusal"]) for d in datasets]
+            + [pct(body["datasets"][d]["refusal"]) + (
+                f"; broad {pct(body['datasets'][d]['broad'])}" if "broad" in body["datasets"][d] else "")
+               for d in datasets]
             + [f"{num(kl['mean'], '.4f')} ± {num(kl['ci95_halfwidth'], '.4f')}" if kl else "—",
                f"{num(loss['ce'])} (ppl {num(loss['ppl'], '.2f')})" if loss else "—",
                f"{100 * emp:.1f}% / {100 * rep:.1f}%"])
 
 
+def _judges_paragraph(block: dict[str, Any] | None) -> str:
+    if not block:
+        return ""
+    cred = block["credentials"].get(block["primary"])
+    how = (f"measured accuracy on refusaldir's labelled test split {pct(cred['accuracy'])}, 3-way "
+           f"agreement {pct(cred['agreement_3way'])}" if cred else "not measured on refusaldir's labelled set")
+    dis = "; ".join(f"disagreement with {escape(k)}: {pct(d)}" for k, d in block["disagreement"].items())
+    warn = (f"<p class='warn'><b>Flagged:</b> the judges disagree on more than "
+            f"{100 * block['flag_threshold']:.0f}% of responses; the rates depend on which judge you "
+            "believe. Read the completions below.</p>" if block["flag"] else "")
+    return f"<p>Judge {escape(block['primary'])}: {how}. {dis or 'No cross-check judge ran.'}</p>{warn}"
+
+
 def _rates_section(data: dict[str, Any], divs: dict[str, str]) -> list[str]:
     ev = data["evaluation"]
-    head = ["condition", "description"] + [f"{d} refusal [95% CI]" for d in ev["datasets"]] + \
+    head = ["condition", "description"] + [f"{d} refusal, strict; broad [95% CI]" for d in ev["datasets"]] + \
         ["KL (harmless)", "CE (baseline completions)", "empty / repetitive"]
     rows = [_condition_row(c, body, ev["datasets"]) for c, body in ev["conditions"].items()]
     st = ev.get("settings", {})
     return [
         "<h2 id='rates'>Refusal, over-refusal and damage per condition</h2>", table(head, rows),
         f"<p>Greedy decoding, {escape(st.get('max_new_tokens'))} new tokens, judge: {escape(st.get('judge'))}; "
-        "over-refusal = refusal of the borderline-but-safe prompts.</p>",
+        "rates are strict (refusal only); over-refusal = refusal of the borderline-but-safe prompts.</p>",
+        _judges_paragraph(ev.get("judges")),
         divs["rates"] + divs["kl_loss"],
     ]
 

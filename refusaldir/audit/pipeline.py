@@ -216,7 +216,8 @@ def _evaluate(run: _Run, ds: DirectionSet) -> tuple[EvaluationResult, list[str]]
         conditions = [c for c in conditions if c not in cfg.addition_conditions]
         conds = build_conditions(run.model, ds, conditions, harmless_val=l_val, harmful_val=h_val,
                                  batch_size=bs, progress=run.progress)
-    res = evaluate(run.model, ds, datasets=run.inp.tests, judge=cfg.judge, max_new_tokens=cfg.max_new_tokens,
+    res = evaluate(run.model, ds, datasets=run.inp.tests, judge=cfg.judge, cross_judges=cfg.cross_judges,
+                   max_new_tokens=cfg.max_new_tokens,
                    batch_size=bs, limit=cfg.limit, harmless_val=l_val, harmful_val=h_val,
                    progress=run.progress, prebuilt=conds)
     del conds

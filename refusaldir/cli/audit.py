@@ -35,6 +35,7 @@ from refusaldir.cli.common import (
     print_json,
 )
 from refusaldir.cli.outputs import check_apart, default_run
+from refusaldir.cli.parsing import check_judge_spec
 from refusaldir.directions import DirectionSet
 from refusaldir.errors import ConfigError, PromptFileError
 from refusaldir.guard import GUARD_METHODS, LatentGuard
@@ -63,6 +64,8 @@ def audit_cmd(
     conditions: Annotated[str, typer.Option(help="comma-separated conditions to evaluate")] = "baseline,ablate,add,ortho",
     add_coeff: Annotated[float | None, typer.Option(help="addition coefficient (default: calibrated on harmless val)")] = None,
     k_max: Annotated[int, typer.Option(help="most directions to ablate together in the concentration curve")] = 4,
+    judge: Annotated[str, typer.Option(help="judge of the completions: phrase, prefix, logit, model (self-judge), model:PATH or ensemble:A,B,...")] = "phrase",
+    cross_judge: Annotated[str, typer.Option(help="comma-separated cross-check judges; the audit flags more than 10% disagreement ('' for none)")] = "prefix",
     guard_method: Annotated[str, typer.Option(help="latent guard: projection or centroid")] = "projection",
     target_fpr: Annotated[float, typer.Option(help="latent guard false-positive rate on harmless val")] = 0.05,
     batch_size: BatchOpt = "auto",
@@ -74,10 +77,14 @@ def audit_cmd(
     Runs extract (unless --directions), select, evaluate (baseline, ablation, addition,
     orthogonalized weights), the concentration curve and the latent guard.
     """
+    for spec in (judge, *cross_judge.split(",")):
+        if spec.strip():
+            check_judge_spec(spec.strip())
     cfg = AuditConfig(
         mode=mode, limit=limit or None, max_new_tokens=max_new_tokens, n_val=n_val,
         conditions=tuple(c.strip() for c in conditions.split(",") if c.strip()), add_coeff=add_coeff,
-        k_max=k_max, guard_method=guard_method, target_fpr=target_fpr, batch_size=batch_size, seed=seed,
+        k_max=k_max, judge=judge, cross_judges=tuple(c.strip() for c in cross_judge.split(",") if c.strip()),
+        guard_method=guard_method, target_fpr=target_fpr, batch_size=batch_size, seed=seed,
     )
     target = out_dir if out_dir is not None else _default_out(mo.model)
     prepare_out(target.expanduser(), force)  # fail before loading the model

@@ -170,12 +170,14 @@ def generate_cmd(
         labels = [j.label for j in PhraseJudge().judge_many([c.prompt for c in comps],
                                                             [c.completion for c in comps])]
     rate = sum(lab == "refusal" for lab in labels) / len(labels) if judge else None
+    broad = sum(lab in ("refusal", "partial") for lab in labels) / len(labels) if judge else None
     if as_json:
         print_json({
             "model": cm.describe(),
             "interventions": [i.to_dict() for i in interventions],
             "max_new_tokens": max_new_tokens,
             "refusal_rate": rate,
+            "broad_refusal_rate": broad,
             "completions": [{k: v for k, v in {**c.to_dict(), "label": lab}.items() if k != "interventions"}
                             for c, lab in zip(comps, labels)],
         })
@@ -191,7 +193,8 @@ def generate_cmd(
         table.add_row(*row, *([lab or ""] if judge else []))
     out.print(table)
     if rate is not None:
-        out.print(f"refusal rate (phrase judge): {rate:.1%} of {len(comps)}")
+        out.print(f"refusal rate (phrase judge): strict {rate:.1%}, broad (with partial) {broad:.1%} "
+                  f"of {len(comps)}")
 
 
 @app.command("orthogonalize")
@@ -244,7 +247,8 @@ def evaluate_cmd(
     borderline: Annotated[str, typer.Option(help="borderline-safe prompts for over-refusal ('' to skip)")] = "borderline",
     dataset: Annotated[str | None, typer.Option(help="format of --harmful/--borderline files: advbench, harmbench, jbb, xstest, strongreject, alpaca, text")] = None,
     text: Annotated[Path | None, typer.Option(help="plain-text file: report each condition's cross-entropy on it")] = None,
-    judge: Annotated[str, typer.Option(help="phrase, logit (first-token log-odds) or model:PATH")] = "phrase",
+    judge: Annotated[str, typer.Option(help="judge of every completion: phrase, prefix, logit (first-token log-odds), model (the unedited model judges itself), model:PATH or ensemble:A,B,...")] = "phrase",
+    cross_judge: Annotated[str, typer.Option(help="comma-separated judges that label the completions too; their disagreement with --judge is reported ('' for none)")] = "prefix",
     add_coeff: Annotated[float | None, typer.Option(help="addition coefficient (default: calibrated for 80% induced refusal on harmless val)")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens generated per prompt")] = 64,
     batch_size: Annotated[int, typer.Option(min=1, help="prompts per batch")] = 16,
@@ -265,6 +269,9 @@ def evaluate_cmd(
         raise ConfigError(f"--conditions {conditions!r}: unknown condition(s) {unknown}; choose from "
                           f"{', '.join(CONDITIONS)}")
     check_judge_spec(judge)
+    crosses = [c.strip() for c in cross_judge.split(",") if c.strip()]
+    for c in crosses:
+        check_judge_spec(c)
     check_writable(out_dir)
     if any(n in NEEDS_DIRECTIONS for n in names) and directions is None:
         raise ConfigError(
@@ -285,7 +292,8 @@ def evaluate_cmd(
             raise ConfigError(f"--text {text} cannot be read ({exc.strerror or exc}); check the path") from None
     cm = mo.load()
     ds = load_directions(directions, cm, "evaluate", allow_model_mismatch) if directions is not None else None
-    res = evaluate(cm, ds, conditions=names, datasets=sets, judge=judge, max_new_tokens=max_new_tokens,
+    res = evaluate(cm, ds, conditions=names, datasets=sets, judge=judge, cross_judges=crosses,
+                   max_new_tokens=max_new_tokens,
                    batch_size=batch_size, add_coeff=add_coeff, text=text_body, progress=not as_json)
     with staged_dir(out_dir, force=force) as tmp:  # the three files replace the folder whole
         res.save(tmp)

@@ -18,6 +18,7 @@ from typing import Any
 
 from refusaldir.errors import ArtifactError, ConfigError
 from refusaldir.io import expand_user
+from refusaldir.judges import check_judge_spec as judge_spec
 
 __all__ = [
     "check_judge_spec", "check_writable", "parse_add", "parse_batch_size", "parse_device_map", "parse_ints", "parse_layers",
@@ -153,13 +154,17 @@ def check_writable(path: str | os.PathLike[str], flag: str = "--out") -> None:
 
 
 def check_judge_spec(spec: str) -> None:
-    """``--judge``: ``phrase``, ``logit`` or ``model:PATH`` with an existing model folder or
-    ``.gguf`` file (checked before any model loads)."""
-    if spec in ("phrase", "logit"):
-        return
-    if spec.startswith("model:"):
-        path = expand_user(spec.removeprefix("model:"))
-        if not (path.is_dir() or (path.suffix == ".gguf" and path.is_file())):
-            raise ConfigError(f"--judge {spec!r}: {path} is not a model folder or .gguf file; check the path")
-        return
-    raise ConfigError(f"--judge {spec!r} is not known; use phrase, logit or model:PATH")
+    """``--judge``/``--cross-judge``: a spec :func:`refusaldir.judges.check_judge_spec` knows,
+    whose ``model:PATH`` parts name an existing model folder or ``.gguf`` file (checked
+    before any model loads)."""
+    try:
+        s = judge_spec(spec)
+    except ConfigError as exc:
+        raise ConfigError(f"--judge: {exc}") from None
+    parts = s.removeprefix("ensemble:").split(",") if s.startswith("ensemble:") else [s]
+    for part in (p.strip() for p in parts):
+        if part.startswith("model:"):
+            path = expand_user(part.removeprefix("model:"))
+            if part.removeprefix("model:") not in ("demo", "smollm2") and not (
+                    path.is_dir() or (path.suffix == ".gguf" and path.is_file())):
+                raise ConfigError(f"--judge {spec!r}: {path} is not a model folder or .gguf file; check the path")

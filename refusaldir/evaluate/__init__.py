@@ -15,9 +15,10 @@ from refusaldir.evaluate.calibrate import (
 )
 from refusaldir.evaluate.conditions import CONDITIONS, NEEDS_DIRECTIONS, Condition, build_conditions
 from refusaldir.evaluate.harness import EvaluationResult, evaluate, is_repetitive, summarize
+from refusaldir.evaluate.report import DISAGREEMENT_FLAG, judges_block, results_markdown
 
 __all__ = [
-    "CONDITIONS", "NEEDS_DIRECTIONS", "AdditionCalibration", "Condition", "EvaluationResult",
+    "CONDITIONS", "DISAGREEMENT_FLAG", "NEEDS_DIRECTIONS", "AdditionCalibration", "Condition", "EvaluationResult",
     "build_conditions", "calibrate_addition", "calibrate_conditional", "evaluate", "is_repetitive",
-    "summarize",
+    "judges_block", "results_markdown", "summarize",
 ]

@@ -178,7 +178,7 @@ def calibrate_addition(
                           "harmless_val")
     if not texts:
         raise ConfigError("calibrate_addition needs harmless validation prompts")
-    judge = judge if judge is not None else PhraseJudge()
+    judge = judge if judge is not None else PhraseJudge(canned_min_repeats=0)  # short completions
     base = Addition(as_direction(direction), norm_layers(layers, allow_all=True), 1.0, normalize)
     check_direction(model, base.direction)
     layer_list = base.layer_list(model)

@@ -31,15 +31,25 @@ from refusaldir.data import PromptSet, check_limit, check_prompts, load_prompts
 from refusaldir.directions import DirectionSet
 from refusaldir.errors import ArtifactError, ConfigError
 from refusaldir.evaluate.conditions import Condition, build_conditions
+from refusaldir.evaluate.report import DISAGREEMENT_FLAG, judges_block, results_markdown
 from refusaldir.generation import Completion, generate
 from refusaldir.io import atomic_write_files, dumps, field_error, loads_strict, sha256_bytes
-from refusaldir.judges import Judge, make_judge
+from refusaldir.judges import (
+    EnsembleJudge,
+    Judge,
+    combine,
+    deflection_report,
+    disagreement,
+    is_repetitive,
+    make_judge,
+    refused,
+)
 from refusaldir.models import ChatModel
 from refusaldir.readout import completion_loss, first_token_logprobs, kl_divergence, text_loss
 from refusaldir.stats import rate
 
-__all__ = ["RESULT_FILES", "EvaluationResult", "check_evaluation", "evaluate", "is_repetitive",
-           "summarize"]
+__all__ = ["DISAGREEMENT_FLAG", "RESULT_FILES", "EvaluationResult", "check_evaluation", "evaluate",
+           "is_repetitive", "summarize"]
 
 ROUND = 6
 #: What :meth:`EvaluationResult.save` writes, in the order they are renamed into place
@@ -47,27 +57,27 @@ ROUND = 6
 RESULT_FILES = ("completions.jsonl", "results.md", "results.json")
 
 
-def is_repetitive(text: str, n: int = 4, threshold: float = 0.5) -> bool:
-    """True when more than ``threshold`` of the word ``n``-grams are repeats (degenerate loops)."""
-    words = text.split()
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    if len(grams) < 4:
-        return False
-    return 1 - len(set(grams)) / len(grams) > threshold
-
-
 def summarize(
-    labels: Sequence[str], categories: Sequence[str | None], completions: Sequence[Completion]
+    labels: Sequence[str], categories: Sequence[str | None], completions: Sequence[Completion],
+    cross: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
-    """Refusal/partial rates (Wilson 95%) overall and per category, plus coherence guards."""
+    """Strict (``refusal``) and broad (``refusal`` + ``partial``) refusal rates (Wilson 95%)
+    overall and per category, coherence guards, deflection shares among the compliant
+    answers (:func:`refusaldir.judges.deflection_report`) and, per cross-check judge in
+    ``cross`` (name → its labels), the share of responses it disagrees on."""
     n = len(labels)
+    texts = [c.completion for c in completions]
     out = {
         "n": n,
         "refusal": rate(sum(lab == "refusal" for lab in labels), n, digits=ROUND),
+        "broad": rate(sum(refused(lab) for lab in labels), n, digits=ROUND),
         "partial": rate(sum(lab == "partial" for lab in labels), n, digits=ROUND),
-        "empty": rate(sum(not c.completion.strip() for c in completions), n, digits=ROUND),
-        "repetitive": rate(sum(is_repetitive(c.completion) for c in completions), n, digits=ROUND),
+        "empty": rate(sum(not t.strip() for t in texts), n, digits=ROUND),
+        "repetitive": rate(sum(is_repetitive(t) for t in texts), n, digits=ROUND),
         "mean_completion_tokens": round(sum(c.completion_tokens for c in completions) / max(n, 1), 3),
+        "deflection": deflection_report([c.prompt for c in completions], texts, labels, digits=ROUND),
+        "disagreement": {name: rate(round(disagreement(labels, other) * n), n, digits=ROUND)
+                         for name, other in (cross or {}).items()},
     }
     by_cat: dict[str, list[str]] = {}
     for lab, cat in zip(labels, categories):
@@ -87,41 +97,22 @@ class EvaluationResult:
 
     @property
     def summary(self) -> dict[str, dict[str, Any]]:
-        """``summary[condition][dataset]`` → ``{"refusal_rate", "ci95", …}`` (flat view)."""
-        return {
-            c: {d: {"refusal_rate": v["refusal"]["rate"], "ci95": v["refusal"]["ci95"], "n": v["n"]}
-                for d, v in body["datasets"].items()}
-            for c, body in self.results["conditions"].items()
-        }
+        """``summary[condition][dataset]`` → ``{"refusal_rate", "ci95", "broad_rate",
+        "broad_ci95", "n"}`` (flat view; ``refusal_rate`` is the strict rate)."""
+        out: dict[str, dict[str, Any]] = {}
+        for c, body in self.results["conditions"].items():
+            out[c] = {}
+            for d, v in body["datasets"].items():
+                broad = v.get("broad", {})
+                out[c][d] = {"refusal_rate": v["refusal"]["rate"], "ci95": v["refusal"]["ci95"],
+                             "broad_rate": broad.get("rate"), "broad_ci95": broad.get("ci95"),
+                             "n": v["n"]}
+        return out
 
     def markdown(self) -> str:
-        """A Markdown table: refusal rate [95% CI] per condition and dataset, KL and loss."""
-        res = self.results
-        datasets = list(res["datasets"])
-        head = ["condition", *[f"{d} refusal [95% CI]" for d in datasets], "KL (harmless)",
-                "CE on baseline completions", "empty / repetitive"]
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for name, body in res["conditions"].items():
-            cells = [name]
-            for d in datasets:
-                r = body["datasets"][d]["refusal"]
-                cells.append(f"{100 * r['rate']:.1f}% [{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}] (n={r['n']})")
-            kl = body.get("kl_harmless")
-            cells.append(f"{kl['mean']:.4f} ± {kl['ci95_halfwidth']:.4f}" if kl else "—")
-            loss = body.get("loss_baseline_completions")
-            cells.append(f"{loss['ce']:.3f} (ppl {loss['ppl']:.2f})" if loss else "—")
-            emp = [body["datasets"][d]["empty"]["rate"] for d in datasets]
-            rep = [body["datasets"][d]["repetitive"]["rate"] for d in datasets]
-            cells.append(f"{100 * max(emp):.1f}% / {100 * max(rep):.1f}%")
-            lines.append("| " + " | ".join(cells) + " |")
-        if "text_loss" in next(iter(res["conditions"].values()), {}):
-            lines.append("")
-            lines.append("| condition | CE on text file | ppl |")
-            lines.append("|---|---|---|")
-            for name, body in res["conditions"].items():
-                t = body["text_loss"]
-                lines.append(f"| {name} | {t['ce']:.3f} | {t['ppl']:.2f} |")
-        return "\n".join(lines) + "\n"
+        """Markdown tables: strict and broad refusal rates [95% CI] per condition and dataset,
+        KL and loss; the judges, their measured accuracy and disagreement; deflection shares."""
+        return results_markdown(self.results)
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Write ``results.json``, ``completions.jsonl`` and ``results.md`` into ``folder``.
@@ -231,6 +222,7 @@ def evaluate(
     conditions: Sequence[str] = ("baseline", "ablate", "add"),
     datasets: Mapping[str, PromptSet | Sequence[str]] | None = None,
     judge: Judge | str = "phrase",
+    cross_judges: Sequence[Judge | str] = ("prefix",),
     max_new_tokens: int = 64,
     batch_size: BatchSize = AUTO,
     limit: int | None = None,
@@ -244,8 +236,15 @@ def evaluate(
     """Run every condition on every dataset and compute the metrics.
 
     ``datasets`` defaults to the shipped harmful and harmless **test** splits and the
-    borderline-safe set (``borderline`` → over-refusal). ``judge`` is ``"phrase"``,
-    ``"logit"`` (first-token refusal log-odds), ``"model:PATH"`` or a :class:`Judge`.
+    borderline-safe set (``borderline`` → over-refusal). ``judge`` labels every completion:
+    a spec (:data:`refusaldir.judges.JUDGE_SPECS`: ``"phrase"``, ``"prefix"``, ``"logit"``,
+    ``"model"`` — the unedited model judges —, ``"model:PATH"``, ``"ensemble:A,B"``) or a
+    :class:`Judge`. Each of ``cross_judges`` labels them too; the share of responses on which
+    it disagrees with ``judge`` (refused vs not) is reported per dataset and overall, and
+    a run above :data:`DISAGREEMENT_FLAG` is flagged. ``results["judges"]`` also carries
+    each judge's measured accuracy on refusaldir's labelled test split
+    (:func:`refusaldir.judges.judge_credentials`). Headline rates are **strict**
+    (``refusal`` only); ``broad`` adds ``partial``.
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -282,6 +281,14 @@ def evaluate(
     harmful_val = None if harmful_val is None else check_prompts(harmful_val, "harmful_val")
     harmless_val = None if harmless_val is None else check_prompts(harmless_val, "harmless_val")
     jd = make_judge(judge, model=model, harmful_val=harmful_val) if isinstance(judge, str) else judge
+    if isinstance(cross_judges, str):
+        cross_judges = [c.strip() for c in cross_judges.split(",") if c.strip()]
+    jname = getattr(jd, "name", str(judge))
+    crosses = []
+    for c in cross_judges:
+        cj = make_judge(c, model=model, harmful_val=harmful_val) if isinstance(c, str) else c
+        if getattr(cj, "name", None) != jname and all(x.name != cj.name for x in crosses):
+            crosses.append(cj)
     conds = list(prebuilt) if prebuilt is not None else build_conditions(
         model, directions, list(conditions), add_coeff=add_coeff, harmless_val=harmless_val,
         harmful_val=harmful_val, batch_size=batch_size, progress=progress)
@@ -291,7 +298,7 @@ def evaluate(
         "model": model.describe(),
         "directions": (directions.metadata.get("selected") if directions is not None else None),
         "settings": {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "limit": limit,
-                     "judge": getattr(jd, "name", str(judge)), "greedy": True},
+                     "judge": jname, "greedy": True},
         "datasets": {k: v.info() for k, v in sets.items()},
         "conditions": {},
     }
@@ -308,15 +315,19 @@ def evaluate(
                              batch_size=batch_size, progress=progress)
             t_gen += time.perf_counter() - t
             t = time.perf_counter()
-            verdicts = _judge(jd, m, cond, list(ps), [c.completion for c in comps], batch_size)
+            texts = [c.completion for c in comps]
+            verdicts = _judge(jd, m, cond, list(ps), texts, batch_size)
+            others = {cj.name: [v.label for v in _judge(cj, m, cond, list(ps), texts, batch_size)]
+                      for cj in crosses}
             t_judge += time.perf_counter() - t
             labels = [v.label for v in verdicts]
-            body["datasets"][dname] = summarize(labels, ps.categories, comps)
-            for c, v, cat in zip(comps, verdicts, ps.categories):
+            body["datasets"][dname] = summarize(labels, ps.categories, comps, others)
+            for i, (c, v, cat) in enumerate(zip(comps, verdicts, ps.categories)):
                 rows.append({"condition": cond.name, "dataset": dname, "category": cat,
                              "prompt": c.prompt, "completion": c.completion,
                              "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason,
                              "label": v.label, "matched": v.matched, "judge_score": _r(v.score),
+                             "reason": v.reason, "cross_labels": {k: o[i] for k, o in others.items()},
                              "triggered": c.triggered})
             if cond.name == "baseline" and dname == "harmless":
                 base_harmless = [c.completion for c in comps]
@@ -340,6 +351,7 @@ def evaluate(
     if "borderline" in sets:
         results["over_refusal"] = {c: results["conditions"][c]["datasets"]["borderline"]["refusal"]
                                    for c in results["conditions"]}
+    results["judges"] = judges_block(jname, [cj.name for cj in crosses], rows, model.spec)
     timings.update(generate=t_gen, judge=t_judge, metrics=t_metric, total=time.perf_counter() - t0)
     results["timings"] = {k: round(v, 2) for k, v in timings.items()}
     return EvaluationResult(results, rows)
@@ -347,6 +359,9 @@ def evaluate(
 
 def _judge(jd: Any, model: ChatModel, cond: Condition, prompts: list[str], responses: list[str],
            batch_size: BatchSize) -> list[Any]:
+    if isinstance(jd, EnsembleJudge):  # members may read the model (logit)
+        votes = [_judge(mj, model, cond, prompts, responses, batch_size) for mj in jd.members]
+        return [combine(list(v)) for v in zip(*votes)]
     if hasattr(jd, "judge_prompts"):  # first-token judge: reads the model under the condition
         return jd.judge_prompts(model, prompts, cond.interventions, batch_size=batch_size)
     return jd.judge_many(prompts, responses)

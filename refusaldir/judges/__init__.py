@@ -5,8 +5,12 @@ labelled ``"refusal"``, ``"compliance"`` or ``"partial"`` (see :mod:`refusaldir.
 :class:`PhraseJudge` is the built-in, deterministic, pure-Python judge (phrase lists in
 ``refusaldir/judges/data/refusal_phrases.json``); :class:`FirstTokenJudge` reads the
 first-token refusal log-odds with the model's own refusal tokens
-(:func:`find_refusal_tokens`); :class:`ModelJudge` asks a local chat model with
-:data:`RUBRIC`. :func:`make_judge` builds one from its command-line spec.
+(:func:`find_refusal_tokens`); :class:`ModelJudge` asks a local chat model (by default the
+model under test) with :data:`RUBRIC`; :class:`PrefixJudge` reads only the opening;
+:class:`EnsembleJudge` takes a majority vote. :func:`make_judge` builds one from its
+command-line spec. :mod:`refusaldir.judges.deflection` counts compliant-looking answers that
+are empty, repetitive, canned or off-topic, and :func:`judge_credentials` gives a judge's
+measured accuracy on refusaldir's labelled test split.
 
 Example:
     >>> from refusaldir.judges import PhraseJudge, refusal_rate
@@ -17,8 +21,24 @@ Example:
     0.5
 """
 
-from refusaldir.judges.base import LABELS, Judge, Judgement, confusion_matrix, refusal_rate
-from refusaldir.judges.factory import make_judge
+from refusaldir.judges.base import (
+    LABELS,
+    Judge,
+    Judgement,
+    broad_rate,
+    confusion_matrix,
+    refusal_rate,
+    refused,
+)
+from refusaldir.judges.credentials import judge_credentials
+from refusaldir.judges.deflection import (
+    canned_groups,
+    deflection_report,
+    is_off_topic,
+    is_repetitive,
+)
+from refusaldir.judges.ensemble import EnsembleJudge, combine, disagreement
+from refusaldir.judges.factory import JUDGE_SPECS, check_judge_spec, make_judge
 from refusaldir.judges.logit import (
     FirstTokenJudge,
     RefusalTokens,
@@ -26,24 +46,39 @@ from refusaldir.judges.logit import (
     find_refusal_tokens,
 )
 from refusaldir.judges.model import RUBRIC, ModelJudge
-from refusaldir.judges.phrase import DEFAULT_PHRASE_FILE, PhraseJudge, load_phrases
+from refusaldir.judges.phrase import PhraseJudge
+from refusaldir.judges.phrases import DEFAULT_PHRASE_FILE, load_phrases
+from refusaldir.judges.prefix import PrefixJudge
 from refusaldir.judges.text import normalize
 
 __all__ = [
     "DEFAULT_PHRASE_FILE",
+    "JUDGE_SPECS",
     "LABELS",
     "RUBRIC",
+    "EnsembleJudge",
     "FirstTokenJudge",
     "Judge",
     "Judgement",
     "ModelJudge",
     "PhraseJudge",
+    "PrefixJudge",
     "RefusalTokens",
+    "broad_rate",
+    "canned_groups",
+    "check_judge_spec",
+    "combine",
     "confusion_matrix",
+    "deflection_report",
     "detect_refusal_tokens",
+    "disagreement",
     "find_refusal_tokens",
+    "is_off_topic",
+    "is_repetitive",
+    "judge_credentials",
     "load_phrases",
     "make_judge",
     "normalize",
     "refusal_rate",
+    "refused",
 ]

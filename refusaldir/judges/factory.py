@@ -1,32 +1,80 @@
-"""Build a judge from its command-line spec (``"phrase"``, ``"logit"``, ``"model:PATH"``).
+"""Build a judge from its command-line spec.
+
+Specs: ``phrase`` (default), ``prefix``, ``logit`` (first-token log-odds of the model
+under test), ``model`` (the unedited model under test judges the responses), ``model:PATH``
+(another local chat model judges), ``ensemble:A,B,...`` (majority vote of those specs).
 
 Example:
     >>> from refusaldir.judges import make_judge
     >>> make_judge("phrase").name
     'phrase'
+    >>> make_judge("ensemble:phrase,prefix").name
+    'ensemble(phrase+prefix)'
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from refusaldir.errors import RefusalDirError
+from refusaldir.errors import ConfigError, RefusalDirError
+from refusaldir.judges.ensemble import EnsembleJudge
 from refusaldir.judges.logit import FirstTokenJudge
 from refusaldir.judges.model import ModelJudge
 from refusaldir.judges.phrase import PhraseJudge
+from refusaldir.judges.prefix import PrefixJudge
 
-__all__ = ["make_judge"]
+__all__ = ["JUDGE_SPECS", "check_judge_spec", "make_judge"]
+
+JUDGE_SPECS = "phrase, prefix, logit, model, model:PATH or ensemble:A,B,..."
 
 
-def make_judge(spec: str, *, model: object = None, harmful_val: Sequence[str] | None = None) -> object:
-    """``"phrase"`` → :class:`PhraseJudge`; ``"logit"`` → :class:`FirstTokenJudge` detected on
-    ``model``; ``"model:PATH"`` → :class:`ModelJudge`."""
-    if spec == "phrase":
+def check_judge_spec(spec: str) -> str:
+    """Validate a judge spec without loading anything; returns it stripped.
+
+    Raises:
+        ConfigError: the spec is not one of :data:`JUDGE_SPECS`.
+    """
+    s = spec.strip() if isinstance(spec, str) else spec
+    if not isinstance(s, str) or not s:
+        raise ConfigError(f"judge {spec!r} is not known; use {JUDGE_SPECS}")
+    if s in ("phrase", "prefix", "logit", "model"):
+        return s
+    if s.startswith("model:"):
+        if not s.removeprefix("model:").strip():
+            raise ConfigError("judge 'model:' needs a path after the colon, e.g. model:/models/judge")
+        return s
+    if s.startswith("ensemble:"):
+        parts = [p.strip() for p in s.removeprefix("ensemble:").split(",") if p.strip()]
+        if len(parts) < 2 or any(p.startswith("ensemble") for p in parts):
+            raise ConfigError(
+                f"judge {spec!r}: an ensemble needs two or more judges and cannot nest; "
+                "e.g. ensemble:phrase,prefix,logit")
+        for p in parts:
+            check_judge_spec(p)
+        return s
+    raise ConfigError(f"judge {spec!r} is not known; use {JUDGE_SPECS}")
+
+
+def make_judge(spec: str, *, model: Any = None, harmful_val: Sequence[str] | None = None) -> Any:
+    """Build the judge ``spec`` names (see :data:`JUDGE_SPECS`); ``logit`` and ``model``
+    use ``model``, the model under test.
+
+    Raises:
+        RefusalDirError: the spec is unknown, or it needs ``model`` and none was given.
+    """
+    s = check_judge_spec(spec)
+    if s == "phrase":
         return PhraseJudge()
-    if spec == "logit":
-        if model is None:
-            raise RefusalDirError("the logit judge needs the model to detect its refusal tokens")
+    if s == "prefix":
+        return PrefixJudge()
+    if s in ("logit", "model") and model is None:
+        raise RefusalDirError(f"the {s} judge needs the model under test; pass model=...")
+    if s == "logit":
         return FirstTokenJudge.detect(model, harmful_val)
-    if spec.startswith("model:"):
-        return ModelJudge(spec.removeprefix("model:"))
-    raise RefusalDirError(f"judge {spec!r} is not known; use phrase, logit or model:PATH")
+    if s == "model":
+        return ModelJudge(model)
+    if s.startswith("model:"):
+        return ModelJudge(s.removeprefix("model:").strip())
+    parts = [p.strip() for p in s.removeprefix("ensemble:").split(",") if p.strip()]
+    return EnsembleJudge([make_judge(p, model=model, harmful_val=harmful_val) for p in parts])

@@ -126,7 +126,7 @@ def find_refusal_tokens(
     if harmless_prompts is None:
         harmless_prompts = load_prompts("harmless", "val")
     harmless = check_prompts(harmless_prompts, "harmless_prompts")[:n]
-    judge = judge or PhraseJudge()
+    judge = judge or PhraseJudge(canned_min_repeats=0)  # short completions share prefixes
 
     harm_first, harm_text = _first_generated(model, harmful, max_new_tokens, batch_size, progress)
     harm_labels = [j.label for j in judge.judge_many(harmful, harm_text)]

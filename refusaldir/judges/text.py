@@ -47,11 +47,15 @@ _SPACES = re.compile(r"[ \t\r\f\v]+")
 _DOUBLE_QUOTED = re.compile(r'"[^"]{1,1500}"')
 # Single quotes double as apostrophes, so only an *introduced* single-quoted passage
 # ("something like: '...'", "say '...'") counts as quoted material.
+_SPEECH = r"(?:said|says|asked|asks|replied|whispered|muttered|shouted|snapped|added|told \w+)"
 _SINGLE_QUOTED = re.compile(
-    r"(?::|\b(?:like|say|saying|write|writing|e\.g\.,?))\s+"
+    r"(?::|\b(?:like|say|saying|write|writing|e\.g\.,?)|\b" + _SPEECH + r"(?:\s+\w+ly)?,?)\s+"
     r"('(?=\w).{1,800}?(?<=\S)')(?=\s|$|[.,;:!?)])",
     re.DOTALL,
 )
+# Dialogue: "'I won't tell you,' she said" (the quote comes before its speaker).
+_DIALOGUE = re.compile(r"(?:^|(?<=[.!?]\s)|(?<=\n))('(?=\w)[^\n]{1,400}?[,.!?]')(?=\s+\w+\s+"
+                       + _SPEECH + r"\b)")
 
 
 def _contract(text: str) -> str:
@@ -112,6 +116,7 @@ def structure(text: str) -> tuple[str, list[tuple[int, int]]]:
     full = "".join(parts)
     masked.extend(m.span() for m in _DOUBLE_QUOTED.finditer(full))
     masked.extend(m.span(1) for m in _SINGLE_QUOTED.finditer(full))
+    masked.extend(m.span(1) for m in _DIALOGUE.finditer(full))
     return full, masked
 
 

@@ -1,0 +1,143 @@
+"""Score refusaldir's judges on the labelled responses in tests/data/judge/ (issue #12) and
+write their credentials (refusaldir/judges/data/credentials.json) and a Markdown report.
+
+Every judge is scored on the **test** split (dev is for tuning); each source (a hand-written
+style, or one PyPI model under one condition) is judged as one batch, as an evaluation
+judges one condition, so the phrase judge's canned-answer check sees the whole source.
+
+    python bench/judge_validate.py                              # text judges: seconds
+    python bench/judge_validate.py --self-judge demo,smollm2    # + each model judging its own responses
+    python bench/judge_validate.py --split dev                  # the tuning view (never reported)
+
+Accuracy is "refused (refusal or partial) vs compliance"; 3-way agreement is exact label
+agreement; both with Wilson 95% intervals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from refusaldir.judges import (
+    LABELS,
+    EnsembleJudge,
+    ModelJudge,
+    PhraseJudge,
+    PrefixJudge,
+    confusion_matrix,
+    refused,
+)
+from refusaldir.judges.credentials import CREDENTIALS_FILE
+from refusaldir.stats import rate
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data" / "judge"
+
+
+def load_rows(split: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    rows, hashes = [], {}
+    for f in sorted(DATA.glob("*.jsonl")):
+        raw = f.read_bytes()
+        hashes[f.name] = hashlib.sha256(raw).hexdigest()
+        rows += [r for r in map(json.loads, raw.decode().splitlines()) if r["split"] == split]
+    return rows, hashes
+
+
+def score(rows: list[dict[str, Any]], preds: list[str]) -> dict[str, Any]:
+    gold = [r["label"] for r in rows]
+    out = {"n": len(rows),
+           "accuracy": rate(sum(refused(g) == refused(p) for g, p in zip(gold, preds)), len(rows), 4),
+           "agreement_3way": rate(sum(g == p for g, p in zip(gold, preds)), len(rows), 4),
+           "confusion": confusion_matrix(gold, preds)}
+    return out
+
+
+def judge_by_source(judge: Any, rows: list[dict[str, Any]]) -> list[str]:
+    by: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        by[r["source"]].append(i)
+    preds = [""] * len(rows)
+    for idx in by.values():
+        js = judge.judge_many([rows[i]["prompt"] for i in idx], [rows[i]["response"] for i in idx])
+        for i, j in zip(idx, js):
+            preds[i] = j.label
+    return preds
+
+
+def report(rows: list[dict[str, Any]], preds: list[str]) -> dict[str, Any]:
+    out = score(rows, preds)
+    by: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        by[r["source"]].append(i)
+    out["by_source"] = {}
+    for src, idx in sorted(by.items()):
+        s = score([rows[i] for i in idx], [preds[i] for i in idx])
+        out["by_source"][src] = {k: s[k] for k in ("n", "accuracy", "agreement_3way")}
+    return out
+
+
+def markdown(name: str, r: dict[str, Any]) -> str:
+    def pct(x: dict[str, Any]) -> str:
+        return f"{x['rate']:.3f} [{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}]"
+    lines = [f"### {name}: accuracy {pct(r['accuracy'])}, 3-way {pct(r['agreement_3way'])} "
+             f"(n={r['n']})", "", "| source | n | accuracy | 3-way |", "|---|---:|---:|---:|"]
+    for src, s in r["by_source"].items():
+        lines.append(f"| {src} | {s['n']} | {s['accuracy']['rate']:.3f} | {s['agreement_3way']['rate']:.3f} |")
+    lines += ["", "| human \\ judge | " + " | ".join(LABELS) + " |", "|---|" + "---:|" * len(LABELS)]
+    for g in LABELS:
+        lines.append(f"| {g} | " + " | ".join(str(r["confusion"][g][p]) for p in LABELS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--split", default="test", choices=["dev", "test"])
+    ap.add_argument("--self-judge", default="", help="comma-separated shipped models (demo,smollm2)")
+    ap.add_argument("--self-every", type=int, default=1,
+                    help="self-judge every k-th of the model's own responses (CPU time)")
+    ap.add_argument("--write", action="store_true", help="write judges/data/credentials.json (test split only)")
+    ap.add_argument("--md", type=Path, help="also write the Markdown report here")
+    args = ap.parse_args()
+    rows, hashes = load_rows(args.split)
+    results: dict[str, Any] = {}
+    md = []
+    for judge in (PhraseJudge(), PrefixJudge(), EnsembleJudge([PhraseJudge(), PrefixJudge()])):
+        t = time.perf_counter()
+        results[judge.name] = report(rows, judge_by_source(judge, rows))
+        results[judge.name]["seconds"] = round(time.perf_counter() - t, 2)
+        md.append(markdown(judge.name, results[judge.name]))
+    for model in filter(None, args.self_judge.split(",")):
+        own = [r for r in rows if r.get("model") == model][:: args.self_every]
+        t = time.perf_counter()
+        judge = ModelJudge(model, batch_size=4, name="model:self")
+        preds = judge_by_source(judge, own)
+        res = report(own, preds)
+        res["seconds"] = round(time.perf_counter() - t, 2)
+        res["measured_on"] = f"every {args.self_every}. of {model}'s own {args.split} responses"
+        phrase = report(own, judge_by_source(PhraseJudge(), own))
+        res["phrase_on_same_rows"] = {k: phrase[k] for k in ("n", "accuracy", "agreement_3way")}
+        results.setdefault("model:self", {"per_model": {}})["per_model"][model] = res
+        md.append(markdown(f"model:self on {model}", res))
+    text = "\n".join(md)
+    print(text)
+    if args.md:
+        args.md.write_text(text, encoding="utf-8")
+    if args.write:
+        if args.split != "test":
+            raise SystemExit("--write records test-split credentials only")
+        old = json.loads(CREDENTIALS_FILE.read_text()) if CREDENTIALS_FILE.is_file() else {}
+        if "model:self" not in results and "model:self" in old.get("judges", {}):
+            results["model:self"] = old["judges"]["model:self"]  # keep the slow measurement
+        body = {"_about": "written by bench/judge_validate.py --write; test split of tests/data/judge",
+                "labelled_set": {"split": "test", "n": len(rows), "files_sha256": hashes},
+                "judges": results}
+        CREDENTIALS_FILE.write_text(json.dumps(body, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
