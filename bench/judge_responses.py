@@ -11,6 +11,10 @@ smallest of 1, 2, 4, 6, 8, 12 that makes the phrase judge see refusals on at lea
 12 harmless *train* prompts (failing that, the one with the most refusals).
 
     python bench/judge_responses.py --model demo --out runs/judge/demo.jsonl
+
+The demo model's labelled *test* responses are instead the completions of the 128-token
+`refusaldir evaluate` run reported in the README (`--splits dev` here), so that the set
+measures the judge on exactly the text behind the reported rates.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ def main() -> None:
     ap.add_argument("--model", default="demo")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--splits", default="dev,test", help="which splits to generate (comma-separated)")
     args = ap.parse_args()
     t0 = time.time()
     model = rd.load_model(args.model, device="cpu", dtype="float32")
@@ -74,6 +79,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         for split, by_set in sets().items():
+            if split not in args.splits.split(","):
+                continue
             for cond, (ivs, names) in conditions.items():
                 for name in names:
                     prompts = by_set[name]
