@@ -533,6 +533,7 @@ def test_bad_option_values_fail_before_loading(root, tmp_path, no_model_load):
         (["evaluate", "--conditions", "baseline,nonsense"], "nonsense"),
         (["evaluate", "--judge", "gpt"], "--judge"),
         (["evaluate", "--judge", f"model:{tmp_path / 'nope'}"], "--judge"),
+        (["evaluate", "--cross-judge", "prefix,ensemble:phrase"], "--cross-judge"),
         (["extract", "--pos", "3"], "--pos"),
         (["extract", "--hook-point", "attn"], "--hook-point"),
         (["extract", "--layers", "14-8"], "backwards"),

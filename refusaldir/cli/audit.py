@@ -77,9 +77,10 @@ def audit_cmd(
     Runs extract (unless --directions), select, evaluate (baseline, ablation, addition,
     orthogonalized weights), the concentration curve and the latent guard.
     """
-    for spec in (judge, *cross_judge.split(",")):
+    check_judge_spec(judge)
+    for spec in cross_judge.split(","):
         if spec.strip():
-            check_judge_spec(spec.strip())
+            check_judge_spec(spec.strip(), "--cross-judge")
     cfg = AuditConfig(
         mode=mode, limit=limit or None, max_new_tokens=max_new_tokens, n_val=n_val,
         conditions=tuple(c.strip() for c in conditions.split(",") if c.strip()), add_coeff=add_coeff,

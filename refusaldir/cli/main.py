@@ -271,7 +271,7 @@ def evaluate_cmd(
     check_judge_spec(judge)
     crosses = [c.strip() for c in cross_judge.split(",") if c.strip()]
     for c in crosses:
-        check_judge_spec(c)
+        check_judge_spec(c, "--cross-judge")
     check_writable(out_dir)
     if any(n in NEEDS_DIRECTIONS for n in names) and directions is None:
         raise ConfigError(

@@ -153,18 +153,18 @@ def check_writable(path: str | os.PathLike[str], flag: str = "--out") -> None:
         )
 
 
-def check_judge_spec(spec: str) -> None:
+def check_judge_spec(spec: str, flag: str = "--judge") -> None:
     """``--judge``/``--cross-judge``: a spec :func:`refusaldir.judges.check_judge_spec` knows,
     whose ``model:PATH`` parts name an existing model folder or ``.gguf`` file (checked
     before any model loads)."""
     try:
         s = judge_spec(spec)
     except ConfigError as exc:
-        raise ConfigError(f"--judge: {exc}") from None
+        raise ConfigError(f"{flag}: {exc}") from None
     parts = s.removeprefix("ensemble:").split(",") if s.startswith("ensemble:") else [s]
     for part in (p.strip() for p in parts):
         if part.startswith("model:"):
             path = expand_user(part.removeprefix("model:"))
             if part.removeprefix("model:") not in ("demo", "smollm2") and not (
                     path.is_dir() or (path.suffix == ".gguf" and path.is_file())):
-                raise ConfigError(f"--judge {spec!r}: {path} is not a model folder or .gguf file; check the path")
+                raise ConfigError(f"{flag} {spec!r}: {path} is not a model folder or .gguf file; check the path")
