@@ -130,6 +130,12 @@ def test_first_token_judge(tiny_run):
     verdicts = likely.judge_prompts(model, HARMLESS[:1])
     assert verdicts[0].label == "refusal" and "log-odds" in verdicts[0].reason
     assert FirstTokenJudge(order[-1:]).judge_prompts(model, HARMLESS[:1])[0].label == "compliance"
+    # the argmax token alone holds far less than half the mass on a random model, yet greedy
+    # decoding starts with it: the greedy rule calls that a refusal, the log-odds rule alone not
+    top = FirstTokenJudge(order[:1])
+    assert top.judge_prompts(model, HARMLESS[:1])[0].label == "refusal"
+    assert "most likely first token" in top.judge_prompts(model, HARMLESS[:1])[0].reason
+    assert FirstTokenJudge(order[:1], greedy=False).judge_prompts(model, HARMLESS[:1])[0].label == "compliance"
     judge = likely
     with pytest.raises(RefusalDirError, match="judge_prompts"):
         judge.judge("a", "b")
