@@ -16,9 +16,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from refusaldir.errors import ArtifactError, ConfigError
+from refusaldir.errors import ArtifactError, ConfigError, RefusalDirError
 from refusaldir.io import expand_user
 from refusaldir.judges import check_judge_spec as judge_spec
+from refusaldir.judges.model import check_judge_model
 
 __all__ = [
     "check_judge_spec", "check_writable", "parse_add", "parse_batch_size", "parse_device_map", "parse_ints", "parse_layers",
@@ -164,7 +165,7 @@ def check_judge_spec(spec: str, flag: str = "--judge") -> None:
     parts = s.removeprefix("ensemble:").split(",") if s.startswith("ensemble:") else [s]
     for part in (p.strip() for p in parts):
         if part.startswith("model:"):
-            path = expand_user(part.removeprefix("model:"))
-            if part.removeprefix("model:") not in ("demo", "smollm2") and not (
-                    path.is_dir() or (path.suffix == ".gguf" and path.is_file())):
-                raise ConfigError(f"{flag} {spec!r}: {path} is not a model folder or .gguf file; check the path")
+            try:
+                check_judge_model(expand_user(part.removeprefix("model:")))
+            except RefusalDirError as exc:
+                raise ConfigError(f"{flag} {spec!r}: {exc}") from None

@@ -31,15 +31,15 @@ from refusaldir.data import PromptSet, check_limit, check_prompts, load_prompts
 from refusaldir.directions import DirectionSet
 from refusaldir.errors import ArtifactError, ConfigError
 from refusaldir.evaluate.conditions import Condition, build_conditions
-from refusaldir.evaluate.report import DISAGREEMENT_FLAG, judges_block, results_markdown
+from refusaldir.evaluate.report import DISAGREEMENT_FLAG, ROUND, judges_block, results_markdown
 from refusaldir.generation import Completion, generate
 from refusaldir.io import atomic_write_files, dumps, field_error, loads_strict, sha256_bytes
 from refusaldir.judges import (
     EnsembleJudge,
     Judge,
     combine,
+    count_disagreements,
     deflection_report,
-    disagreement,
     is_repetitive,
     make_judge,
     refused,
@@ -51,7 +51,6 @@ from refusaldir.stats import rate
 __all__ = ["DISAGREEMENT_FLAG", "RESULT_FILES", "EvaluationResult", "check_evaluation", "evaluate",
            "is_repetitive", "summarize"]
 
-ROUND = 6
 #: What :meth:`EvaluationResult.save` writes, in the order they are renamed into place
 #: (``results.json`` last: it is what readers open first).
 RESULT_FILES = ("completions.jsonl", "results.md", "results.json")
@@ -76,7 +75,7 @@ def summarize(
         "repetitive": rate(sum(is_repetitive(t) for t in texts), n, digits=ROUND),
         "mean_completion_tokens": round(sum(c.completion_tokens for c in completions) / max(n, 1), 3),
         "deflection": deflection_report([c.prompt for c in completions], texts, labels, digits=ROUND),
-        "disagreement": {name: rate(round(disagreement(labels, other) * n), n, digits=ROUND)
+        "disagreement": {name: rate(count_disagreements(labels, other), n, digits=ROUND)
                          for name, other in (cross or {}).items()},
     }
     by_cat: dict[str, list[str]] = {}

@@ -14,11 +14,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from refusaldir.judges import judge_credentials, refused
+from refusaldir.judges import count_disagreements, judge_credentials
 from refusaldir.stats import rate
 
-__all__ = ["DISAGREEMENT_FLAG", "judges_block", "judges_markdown", "results_markdown"]
+__all__ = ["DISAGREEMENT_FLAG", "ROUND", "judges_block", "judges_markdown", "results_markdown"]
 
+#: Decimal places of every number in ``results.json``.
 ROUND = 6
 #: Judges disagreeing (refused vs not) on more than this share of a run's responses get the
 #: run flagged: its rates depend on which judge you believe.
@@ -32,7 +33,8 @@ def judges_block(primary: str, cross: Sequence[str], rows: Sequence[Mapping[str,
     disagreement with the primary over all ``rows`` (Wilson 95%), and ``flag`` when the
     largest exceeds :data:`DISAGREEMENT_FLAG`."""
     n = len(rows)
-    dis = {c: rate(sum(refused(r["label"]) != refused(r["cross_labels"][c]) for r in rows), n, digits=ROUND)
+    labels = [r["label"] for r in rows]
+    dis = {c: rate(count_disagreements(labels, [r["cross_labels"][c] for r in rows]), n, digits=ROUND)
            for c in cross}
     worst = max((d["rate"] or 0.0 for d in dis.values()), default=None)
     return {

@@ -26,6 +26,7 @@ from refusaldir.judges.base import (
     Judge,
     Judgement,
     broad_rate,
+    check_paired,
     confusion_matrix,
     refusal_rate,
     refused,
@@ -37,7 +38,7 @@ from refusaldir.judges.deflection import (
     is_off_topic,
     is_repetitive,
 )
-from refusaldir.judges.ensemble import EnsembleJudge, combine, disagreement
+from refusaldir.judges.ensemble import EnsembleJudge, combine, count_disagreements, disagreement
 from refusaldir.judges.factory import JUDGE_SPECS, check_judge_spec, make_judge
 from refusaldir.judges.logit import (
     FirstTokenJudge,
@@ -65,10 +66,12 @@ __all__ = [
     "PrefixJudge",
     "RefusalTokens",
     "broad_rate",
+    "check_paired",
     "canned_groups",
     "check_judge_spec",
     "combine",
     "confusion_matrix",
+    "count_disagreements",
     "deflection_report",
     "detect_refusal_tokens",
     "disagreement",

@@ -32,8 +32,8 @@ from typing import Literal, Protocol, runtime_checkable
 
 from refusaldir.errors import RefusalDirError
 
-__all__ = ["LABELS", "Judge", "Judgement", "Label", "broad_rate", "confusion_matrix", "refusal_rate",
-           "refused"]
+__all__ = ["LABELS", "Judge", "Judgement", "Label", "broad_rate", "check_paired", "confusion_matrix",
+           "refusal_rate", "refused"]
 
 Label = Literal["refusal", "compliance", "partial"]
 LABELS: tuple[Label, ...] = ("refusal", "compliance", "partial")
@@ -90,6 +90,14 @@ def broad_rate(judgements: Iterable[Judgement]) -> float:
     0.5
     """
     return refusal_rate(judgements, partial_weight=1.0)
+
+
+def check_paired(prompts: Sequence[str], responses: Sequence[str]) -> None:
+    """Raise :class:`RefusalDirError` unless there is one response per prompt (``judge_many``)."""
+    if len(prompts) != len(responses):
+        raise RefusalDirError(
+            f"judge_many got {len(prompts)} prompts but {len(responses)} responses; "
+            "pass one response per prompt.")
 
 
 def refused(label: str) -> bool:

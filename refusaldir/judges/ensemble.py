@@ -20,7 +20,19 @@ from typing import Any
 from refusaldir.errors import ConfigError, RefusalDirError
 from refusaldir.judges.base import Judgement, Label, refused
 
-__all__ = ["EnsembleJudge", "combine", "disagreement"]
+__all__ = ["EnsembleJudge", "combine", "count_disagreements", "disagreement"]
+
+
+def count_disagreements(a: Sequence[str], b: Sequence[str]) -> int:
+    """How many paired labels disagree about whether the response refused.
+
+    Raises:
+        RefusalDirError: the sequences have different lengths.
+    """
+    if len(a) != len(b):
+        raise RefusalDirError(
+            f"disagreement needs two equally long label lists; got {len(a)} and {len(b)}")
+    return sum(refused(x) != refused(y) for x, y in zip(a, b))
 
 
 def disagreement(a: Sequence[str], b: Sequence[str]) -> float:
@@ -30,10 +42,10 @@ def disagreement(a: Sequence[str], b: Sequence[str]) -> float:
     Raises:
         RefusalDirError: the sequences are empty or of different lengths.
     """
-    if len(a) != len(b) or not a:
+    if not a:
         raise RefusalDirError(
             f"disagreement needs two equally long, non-empty label lists; got {len(a)} and {len(b)}")
-    return sum(refused(x) != refused(y) for x, y in zip(a, b)) / len(a)
+    return count_disagreements(a, b) / len(a)
 
 
 def combine(votes: Sequence[Judgement]) -> Judgement:

@@ -28,14 +28,14 @@ import torch
 
 from refusaldir.batching import BatchSize
 from refusaldir.errors import RefusalDirError
-from refusaldir.judges.base import Judgement, Label
-from refusaldir.models import load_model
+from refusaldir.judges.base import Judgement, Label, check_paired
+from refusaldir.models import EMBEDDED, load_model
 from refusaldir.readout import first_token_logprobs
 
 if TYPE_CHECKING:
     from refusaldir.models import ChatModel
 
-__all__ = ["RUBRIC", "ModelJudge"]
+__all__ = ["RUBRIC", "ModelJudge", "check_judge_model"]
 
 
 RUBRIC = """Did the AI assistant below do what the user asked?
@@ -75,6 +75,17 @@ def _option_ids(tokenizer: Any) -> dict[str, list[int]]:
     return ids
 
 
+def check_judge_model(spec: str | os.PathLike[str]) -> None:
+    """Raise :class:`RefusalDirError` unless ``spec`` names an embedded model, a local model
+    folder or a ``.gguf`` file (checked before anything loads)."""
+    p = Path(spec).expanduser()
+    if str(spec) not in EMBEDDED and not (p.is_dir() or (p.suffix == ".gguf" and p.is_file())):
+        raise RefusalDirError(
+            f"judge model path {p} is not a model folder or .gguf file; pass --judge model:PATH "
+            "with a local Hugging Face chat model, or --judge model to let the model under test "
+            "judge itself")
+
+
 class ModelJudge:
     """A local chat model grades responses with :data:`RUBRIC`, constrained to A/B/C.
 
@@ -97,13 +108,7 @@ class ModelJudge:
                  calibrate: bool = True, name: str | None = None) -> None:
         if isinstance(model, (str, os.PathLike)):
             spec = str(model)
-            p = Path(spec).expanduser()
-            if spec not in ("demo", "smollm2") and not (
-                    p.is_dir() or (p.suffix == ".gguf" and p.is_file())):
-                raise RefusalDirError(
-                    f"judge model path {p} is not a model folder or .gguf file; pass "
-                    "--judge model:PATH with a local Hugging Face chat model, or --judge model "
-                    "to let the model under test judge itself")
+            check_judge_model(spec)
             self.model = load_model(spec)
             self.name = name or f"model:{spec}"
         else:
@@ -134,10 +139,7 @@ class ModelJudge:
     def judge_many(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Judgement]:
         """Judge ``responses[i]`` as the answer to ``prompts[i]`` (prompts and responses are cut
         at 2,000 characters to bound the cost)."""
-        if len(prompts) != len(responses):
-            raise RefusalDirError(
-                f"judge_many got {len(prompts)} prompts but {len(responses)} responses; "
-                "pass one response per prompt.")
+        check_paired(prompts, responses)
         if not prompts:
             return []
         asks = [RUBRIC.format(prompt=p.strip()[:_MAX_CHARS], response=r.strip()[:_MAX_CHARS])

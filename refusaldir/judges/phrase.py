@@ -27,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from refusaldir.errors import RefusalDirError
-from refusaldir.judges.base import Judgement
+from refusaldir.judges.base import Judgement, check_paired
 from refusaldir.judges.deflection import canned_groups, is_echo
 from refusaldir.judges.phrases import DEFAULT_PHRASE_FILE, compile_phrases, load_phrases
 from refusaldir.judges.text import mask, normalize, structure
@@ -245,10 +245,7 @@ class PhraseJudge:
 
     def judge_many(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Judgement]:
         """Judge ``responses[i]`` as the answer to ``prompts[i]``, then relabel canned answers."""
-        if len(prompts) != len(responses):
-            raise RefusalDirError(
-                f"judge_many got {len(prompts)} prompts but {len(responses)} responses; "
-                "pass one response per prompt.")
+        check_paired(prompts, responses)
         out = [self.judge(p, r) for p, r in zip(prompts, responses)]
         if self.canned_min_repeats:
             for idx in canned_groups(responses, prompts,

@@ -17,8 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from refusaldir.errors import RefusalDirError
-from refusaldir.judges.base import Judgement
+from refusaldir.judges.base import Judgement, check_paired
 from refusaldir.judges.text import normalize
 
 __all__ = ["OPENERS", "PrefixJudge"]
@@ -56,8 +55,5 @@ class PrefixJudge:
 
     def judge_many(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Judgement]:
         """Judge ``responses[i]`` as the answer to ``prompts[i]``."""
-        if len(prompts) != len(responses):
-            raise RefusalDirError(
-                f"judge_many got {len(prompts)} prompts but {len(responses)} responses; "
-                "pass one response per prompt.")
+        check_paired(prompts, responses)
         return [self.judge(p, r) for p, r in zip(prompts, responses)]
