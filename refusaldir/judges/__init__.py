@@ -7,6 +7,8 @@ labelled ``"refusal"``, ``"compliance"`` or ``"partial"`` (see :mod:`refusaldir.
 first-token refusal log-odds with the model's own refusal tokens
 (:func:`find_refusal_tokens`); :class:`ModelJudge` asks a local chat model (by default the
 model under test) with :data:`RUBRIC`; :class:`PrefixJudge` reads only the opening;
+:class:`ProbeJudge` adds a trained linear probe (:class:`ResponseProbe`) on a judge model's
+residual stream to the phrase judge, for deflections no phrase can see;
 :class:`EnsembleJudge` takes a majority vote. :func:`make_judge` builds one from its
 command-line spec. :mod:`refusaldir.judges.deflection` counts compliant-looking answers that
 are empty, repetitive, canned or off-topic, and :func:`judge_credentials` gives a judge's
@@ -39,7 +41,13 @@ from refusaldir.judges.deflection import (
     is_repetitive,
 )
 from refusaldir.judges.ensemble import EnsembleJudge, combine, count_disagreements, disagreement
-from refusaldir.judges.factory import JUDGE_SPECS, check_judge_spec, make_judge
+from refusaldir.judges.factory import (
+    DEFAULT_JUDGE,
+    JUDGE_SPECS,
+    check_judge_spec,
+    default_judge,
+    make_judge,
+)
 from refusaldir.judges.logit import (
     FirstTokenJudge,
     RefusalTokens,
@@ -50,9 +58,11 @@ from refusaldir.judges.model import RUBRIC, ModelJudge
 from refusaldir.judges.phrase import PhraseJudge
 from refusaldir.judges.phrases import DEFAULT_PHRASE_FILE, load_phrases
 from refusaldir.judges.prefix import PrefixJudge
+from refusaldir.judges.probe import ProbeJudge, ResponseProbe
 from refusaldir.judges.text import normalize
 
 __all__ = [
+    "DEFAULT_JUDGE",
     "DEFAULT_PHRASE_FILE",
     "JUDGE_SPECS",
     "LABELS",
@@ -64,7 +74,9 @@ __all__ = [
     "ModelJudge",
     "PhraseJudge",
     "PrefixJudge",
+    "ProbeJudge",
     "RefusalTokens",
+    "ResponseProbe",
     "broad_rate",
     "check_paired",
     "canned_groups",
@@ -72,6 +84,7 @@ __all__ = [
     "combine",
     "confusion_matrix",
     "count_disagreements",
+    "default_judge",
     "deflection_report",
     "detect_refusal_tokens",
     "disagreement",
