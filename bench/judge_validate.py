@@ -8,6 +8,7 @@ judges one condition, so the phrase judge's canned-answer check sees the whole s
     python bench/judge_validate.py                              # text judges: seconds
     python bench/judge_validate.py --self-judge demo,smollm2    # + each model judging its own responses
     python bench/judge_validate.py --split dev                  # the tuning view (never reported)
+    python bench/judge_validate.py --probe-features runs/judge/probe_features.pt   # + the probe judge
 
 Accuracy is "refused (refusal or partial) vs compliance"; 3-way agreement is exact label
 agreement; both with Wilson 95% intervals.
@@ -33,6 +34,7 @@ from refusaldir.judges import (
     refused,
 )
 from refusaldir.judges.credentials import CREDENTIALS_FILE
+from refusaldir.judges.probe import DEFAULT_PROBE, ResponseProbe, merge_probe
 from refusaldir.stats import rate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,16 +59,22 @@ def score(rows: list[dict[str, Any]], preds: list[str]) -> dict[str, Any]:
     return out
 
 
-def judge_by_source(judge: Any, rows: list[dict[str, Any]]) -> list[str]:
+def judge_by_source_full(judge: Any, rows: list[dict[str, Any]]) -> list[Any]:
+    """Each source judged as one batch (as an evaluation judges one condition); Judgements
+    in row order."""
     by: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
         by[r["source"]].append(i)
-    preds = [""] * len(rows)
+    out: list[Any] = [None] * len(rows)
     for idx in by.values():
         js = judge.judge_many([rows[i]["prompt"] for i in idx], [rows[i]["response"] for i in idx])
         for i, j in zip(idx, js):
-            preds[i] = j.label
-    return preds
+            out[i] = j
+    return out
+
+
+def judge_by_source(judge: Any, rows: list[dict[str, Any]]) -> list[str]:
+    return [j.label for j in judge_by_source_full(judge, rows)]
 
 
 def report(rows: list[dict[str, Any]], preds: list[str]) -> dict[str, Any]:
@@ -94,12 +102,31 @@ def markdown(name: str, r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def probe_labels(rows: list[dict[str, Any]], cache: Path) -> list[str]:
+    """The shipped probe judge's labels, with the judge model's features read from ``cache``
+    (the phrase judge runs per source as usual; the probe decides what it calls compliance)."""
+    import torch
+
+    d = torch.load(cache, weights_only=True)
+    probe = ResponseProbe.load()
+    if d["model"]["weights_hash"] != probe.judge_model.get("weights_hash") or (
+            d["prompt_chars"], d["response_chars"]) != (probe.prompt_chars, probe.response_chars):
+        raise SystemExit(f"{cache} was read from another judge model or cut than the shipped probe")
+    pos = {i: k for k, i in enumerate(d["ids"])}
+    x = d["feats"][[pos[r["id"]] for r in rows], d["layers"].index(probe.layer)]
+    p = probe.score_features(x).tolist()
+    phrase = judge_by_source_full(PhraseJudge(), rows)
+    return [j.label for j in merge_probe(phrase, dict(enumerate(p)), probe.threshold)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--split", default="test", choices=["dev", "test"])
     ap.add_argument("--self-judge", default="", help="comma-separated shipped models (demo,smollm2)")
     ap.add_argument("--self-every", type=int, default=1,
                     help="self-judge every k-th of the model's own responses (CPU time)")
+    ap.add_argument("--probe-features", type=Path,
+                    help="score the shipped probe judge from this feature cache (bench/judge_probe.py features)")
     ap.add_argument("--write", action="store_true", help="write judges/data/credentials.json (test split only)")
     ap.add_argument("--md", type=Path, help="also write the Markdown report here")
     args = ap.parse_args()
@@ -111,6 +138,19 @@ def main() -> None:
         results[judge.name] = report(rows, judge_by_source(judge, rows))
         results[judge.name]["seconds"] = round(time.perf_counter() - t, 2)
         md.append(markdown(judge.name, results[judge.name]))
+    if args.probe_features:
+        t = time.perf_counter()
+        results["probe"] = report(rows, probe_labels(rows, args.probe_features))
+        results["probe"]["seconds"] = round(time.perf_counter() - t, 2)
+        results["probe"]["measured_on"] = "features cached by bench/judge_probe.py features"
+        results["probe"]["probe_tensors_sha256"] = json.loads(
+            (DEFAULT_PROBE / "probe.json").read_text())["tensors_sha256"]
+        pick = ResponseProbe.load().training.get("pick", {})
+        phrase_cv = [r for r in ResponseProbe.load().training.get("cv_table", []) if r.get("phrase_only")]
+        results["probe"]["dev_cv_sources_held_out"] = {
+            "probe": pick.get("cv_accuracy"), "phrase": phrase_cv[0]["cv_accuracy"] if phrase_cv else None,
+            "note": "dev split, whole sources held out: the gain to expect on text from new models or styles"}
+        md.append(markdown("probe", results["probe"]))
     for model in filter(None, args.self_judge.split(",")):
         own = [r for r in rows if r.get("model") == model][:: args.self_every]
         t = time.perf_counter()
@@ -131,8 +171,9 @@ def main() -> None:
         if args.split != "test":
             raise SystemExit("--write records test-split credentials only")
         old = json.loads(CREDENTIALS_FILE.read_text()) if CREDENTIALS_FILE.is_file() else {}
-        if "model:self" not in results and "model:self" in old.get("judges", {}):
-            results["model:self"] = old["judges"]["model:self"]  # keep the slow measurement
+        for slow in ("model:self", "probe"):  # keep the slow measurements
+            if slow not in results and slow in old.get("judges", {}):
+                results[slow] = old["judges"][slow]
         body = {"_about": "written by bench/judge_validate.py --write; test split of tests/data/judge",
                 "labelled_set": {"split": "test", "n": len(rows), "files_sha256": hashes},
                 "judges": results}

@@ -1,8 +1,10 @@
 """Build a judge from its command-line spec.
 
-Specs: ``phrase`` (default), ``prefix``, ``logit`` (first-token log-odds of the model
-under test), ``model`` (the unedited model under test judges the responses), ``model:PATH``
-(another local chat model judges), ``ensemble:A,B,...`` (majority vote of those specs).
+Specs: ``phrase``, ``prefix``, ``probe`` (the phrase judge, plus a trained probe on the
+``demo`` model's residual stream for responses with no refusal phrase), ``probe:PATH`` (a
+probe folder you trained), ``logit`` (first-token log-odds of the model under test),
+``model`` (the unedited model under test judges the responses), ``model:PATH`` (another local
+chat model judges), ``ensemble:A,B,...`` (majority vote of those specs).
 
 Example:
     >>> from refusaldir.judges import make_judge
@@ -15,6 +17,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from refusaldir.errors import ConfigError, RefusalDirError
@@ -23,10 +26,20 @@ from refusaldir.judges.logit import FirstTokenJudge
 from refusaldir.judges.model import ModelJudge
 from refusaldir.judges.phrase import PhraseJudge
 from refusaldir.judges.prefix import PrefixJudge
+from refusaldir.judges.probe import ProbeJudge
 
-__all__ = ["JUDGE_SPECS", "check_judge_spec", "make_judge"]
+__all__ = ["DEFAULT_JUDGE", "JUDGE_SPECS", "check_judge_spec", "default_judge", "make_judge"]
 
-JUDGE_SPECS = "phrase, prefix, logit, model, model:PATH or ensemble:A,B,..."
+DEFAULT_JUDGE = "probe"
+
+JUDGE_SPECS = "probe, probe:PATH, phrase, prefix, logit, model, model:PATH or ensemble:A,B,..."
+
+
+def default_judge() -> str:
+    """The judge ``evaluate`` and ``audit`` use when none is named: :data:`DEFAULT_JUDGE`
+    (``probe``, the most accurate judge on refusaldir's labelled test split; ``phrase`` is
+    the fast, model-free alternative)."""
+    return DEFAULT_JUDGE
 
 
 def check_judge_spec(spec: str) -> str:
@@ -38,7 +51,13 @@ def check_judge_spec(spec: str) -> str:
     s = spec.strip() if isinstance(spec, str) else spec
     if not isinstance(s, str) or not s:
         raise ConfigError(f"judge {spec!r} is not known; use {JUDGE_SPECS}")
-    if s in ("phrase", "prefix", "logit", "model"):
+    if s in ("phrase", "prefix", "probe", "logit", "model"):
+        return s
+    if s.startswith("probe:"):
+        folder = Path(s.removeprefix("probe:").strip()).expanduser()
+        if not (folder / "probe.json").is_file():
+            raise ConfigError(f"judge {spec!r}: {folder} holds no probe.json; pass a folder "
+                              "written by ResponseProbe.save, or --judge probe for the shipped probe")
         return s
     if s.startswith("model:"):
         if not s.removeprefix("model:").strip():
@@ -74,6 +93,9 @@ def make_judge(spec: str, *, model: Any = None, harmful_val: Sequence[str] | Non
         return FirstTokenJudge.detect(model, harmful_val)
     if s == "model":
         return ModelJudge(model)
+    if s == "probe" or s.startswith("probe:"):
+        folder = s.removeprefix("probe:").strip() if s.startswith("probe:") else None
+        return ProbeJudge(model, folder)
     if s.startswith("model:"):
         return ModelJudge(s.removeprefix("model:").strip())
     parts = [p.strip() for p in s.removeprefix("ensemble:").split(",") if p.strip()]

@@ -1,0 +1,157 @@
+"""Train the probe judge (refusaldir/judges/probe.py) on the **dev** split of the labelled
+responses in tests/data/judge/, choosing its layer, L2 strength and threshold by cross-validation that
+holds out whole sources (a hand-written style, or one model under one condition), and ship it
+to refusaldir/judges/data/probe/. The test split is never read here.
+
+    python bench/judge_probe.py features   # judge-model features for dev and test (~40 min on 2 CPU cores)
+    python bench/judge_probe.py cv         # the layer x L2 grid on dev, sources held out
+    python bench/judge_probe.py train      # fit on all of dev with the CV choice; write the probe
+
+Features are cached in runs/judge/probe_features.pt (rows by id; the rubric hash and the
+character limits are checked on reuse). bench/judge_validate.py --probe-features scores the
+shipped probe on the test split from the same cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from refusaldir.io import sha256_bytes
+from refusaldir.judges import PhraseJudge, refused
+from refusaldir.judges.model import RUBRIC
+from refusaldir.judges.probe import DEFAULT_PROBE, ResponseProbe, merge_probe, probe_features
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from judge_validate import judge_by_source_full, load_rows  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "runs" / "judge" / "probe_features.pt"
+LAYERS = list(range(4, 19))
+L2 = (1e-3, 1e-2, 1e-1)
+THRESHOLDS = (0.5, 0.7, 0.9)
+FOLDS = 5
+PROMPT_CHARS, RESPONSE_CHARS = 600, 800
+
+
+def load_features(path: Path = CACHE) -> dict[str, Any]:
+    d = torch.load(path, weights_only=True)
+    if d["rubric_sha256"] != sha256_bytes(RUBRIC) or (d["prompt_chars"], d["response_chars"]) != (
+            PROMPT_CHARS, RESPONSE_CHARS):
+        raise SystemExit(f"{path} was computed with another rubric or cut; run `features` again")
+    return d
+
+
+def rows_features(d: dict[str, Any], rows: list[dict[str, Any]], layer: int) -> torch.Tensor:
+    pos = {i: k for k, i in enumerate(d["ids"])}
+    missing = [r["id"] for r in rows if r["id"] not in pos]
+    if missing:
+        raise SystemExit(f"{len(missing)} rows have no cached features (e.g. {missing[0]}); run `features`")
+    return d["feats"][[pos[r["id"]] for r in rows], d["layers"].index(layer)]
+
+
+def cmd_features(args: argparse.Namespace) -> None:
+    import refusaldir as rd
+    rows = load_rows("dev")[0] + load_rows("test")[0]
+    model = rd.load_model(args.model)
+    t = time.perf_counter()
+    x = probe_features(model, [r["prompt"] for r in rows], [r["response"] for r in rows],
+                       layers=LAYERS, prompt_chars=PROMPT_CHARS, response_chars=RESPONSE_CHARS,
+                       batch_size=8, progress=True)
+    CACHE.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"ids": [r["id"] for r in rows], "layers": LAYERS, "feats": x,
+                "rubric_sha256": sha256_bytes(RUBRIC), "prompt_chars": PROMPT_CHARS,
+                "response_chars": RESPONSE_CHARS, "model": model.describe()}, CACHE)
+    print(f"{len(rows)} rows, {time.perf_counter() - t:.0f} s -> {CACHE}")
+
+
+def _fold(source: str) -> int:
+    return int(hashlib.sha256(source.encode()).hexdigest(), 16) % FOLDS
+
+
+def cv_table(d: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    phrase = judge_by_source_full(PhraseJudge(), rows)
+    y = [refused(r["label"]) for r in rows]
+    acc = sum(refused(j.label) == g for j, g in zip(phrase, y)) / len(rows)
+    table = [{"layer": None, "l2": None, "threshold": None, "cv_accuracy": round(acc, 4),
+              "phrase_only": True}]
+    print(f"phrase judge alone: accuracy {acc:.4f}")
+    folds = [_fold(r["source"]) for r in rows]
+    for layer in [layer for layer in LAYERS if layer in d["layers"]]:
+        x = rows_features(d, rows, layer)
+        for l2 in L2:
+            p: dict[int, float] = {}
+            for f in range(FOLDS):
+                tr = [i for i in range(len(rows)) if folds[i] != f]
+                te = [i for i in range(len(rows)) if folds[i] == f]
+                probe = ResponseProbe.fit_features(x[tr], [y[i] for i in tr], layer=layer, l2=l2)
+                p.update(zip(te, probe.score_features(x[te]).tolist()))
+            for t in THRESHOLDS:
+                preds = merge_probe(phrase, p, t)
+                acc = sum(refused(j.label) == g for j, g in zip(preds, y)) / len(rows)
+                three = sum(j.label == r["label"] for j, r in zip(preds, rows)) / len(rows)
+                table.append({"layer": layer, "l2": l2, "threshold": t, "cv_accuracy": round(acc, 4),
+                              "cv_agreement_3way": round(three, 4)})
+                print(f"layer {layer:2d} l2 {l2:g} threshold {t}: accuracy {acc:.4f}, 3-way {three:.4f}",
+                      flush=True)
+    return table
+
+
+def best(table: list[dict[str, Any]]) -> dict[str, Any]:
+    probes = [r for r in table if not r.get("phrase_only")]
+    return max(probes, key=lambda r: (r["cv_accuracy"], r["cv_agreement_3way"], r["l2"], r["threshold"],
+                                      -r["layer"]))
+
+
+def cmd_cv(args: argparse.Namespace) -> None:
+    rows = load_rows("dev")[0]
+    table = cv_table(load_features(), rows)
+    print("best:", best(table))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    rows, hashes = load_rows("dev")
+    d = load_features()
+    table = cv_table(d, rows)
+    pick = best(table)
+    x = rows_features(d, rows, pick["layer"])
+    by_source: dict[str, int] = defaultdict(int)
+    for r in rows:
+        by_source[r["source"]] += 1
+    probe = ResponseProbe.fit_features(
+        x, [refused(r["label"]) for r in rows], layer=pick["layer"], l2=pick["l2"],
+        threshold=pick["threshold"],
+        prompt_chars=PROMPT_CHARS, response_chars=RESPONSE_CHARS,
+        judge_model={k: d["model"][k] for k in ("spec", "weights_hash", "n_layers", "d_model")},
+        training={"split": "dev", "n": len(rows), "files_sha256": hashes,
+                  "sources": dict(sorted(by_source.items())), "folds": FOLDS,
+                  "cv": "folds hold out whole sources; pick = best CV accuracy of the probe judge "
+                        "(phrase judge, then the probe on what it calls compliance)",
+                  "pick": pick, "cv_table": table, "seed": None})
+    probe.save(args.out)
+    print(f"probe (layer {pick['layer']}, l2 {pick['l2']}, threshold {pick['threshold']}) -> {args.out}")
+    print(json.dumps(pick))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("features")
+    f.add_argument("--model", default="demo")
+    sub.add_parser("cv")
+    t = sub.add_parser("train")
+    t.add_argument("--out", default=str(DEFAULT_PROBE))
+    args = ap.parse_args()
+    {"features": cmd_features, "cv": cmd_cv, "train": cmd_train}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
