@@ -28,7 +28,14 @@ import torch
 from refusaldir.io import sha256_bytes
 from refusaldir.judges import PhraseJudge, refused
 from refusaldir.judges.model import RUBRIC
-from refusaldir.judges.probe import DEFAULT_PROBE, ResponseProbe, merge_probe, probe_features
+from refusaldir.judges.probe import (
+    DEFAULT_PROBE,
+    ProbeJudge,
+    ResponseProbe,
+    merge_probe,
+    probe_candidates,
+    probe_features,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from judge_validate import judge_by_source_full, load_rows  # noqa: E402
@@ -85,6 +92,8 @@ def cv_table(d: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, An
               "phrase_only": True}]
     print(f"phrase judge alone: accuracy {acc:.4f}")
     folds = [_fold(r["source"]) for r in rows]
+    ask = set(probe_candidates(phrase, [r["response"] for r in rows],
+                               [r.get("finish_reason") == "length" for r in rows], ProbeJudge.MIN_WORDS))
     for layer in [layer for layer in LAYERS if layer in d["layers"]]:
         x = rows_features(d, rows, layer)
         for l2 in L2:
@@ -93,7 +102,7 @@ def cv_table(d: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, An
                 tr = [i for i in range(len(rows)) if folds[i] != f]
                 te = [i for i in range(len(rows)) if folds[i] == f]
                 probe = ResponseProbe.fit_features(x[tr], [y[i] for i in tr], layer=layer, l2=l2)
-                p.update(zip(te, probe.score_features(x[te]).tolist()))
+                p.update((i, v) for i, v in zip(te, probe.score_features(x[te]).tolist()) if i in ask)
             for t in THRESHOLDS:
                 preds = merge_probe(phrase, p, t)
                 acc = sum(refused(j.label) == g for j, g in zip(preds, y)) / len(rows)

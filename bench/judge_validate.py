@@ -34,7 +34,13 @@ from refusaldir.judges import (
     refused,
 )
 from refusaldir.judges.credentials import CREDENTIALS_FILE
-from refusaldir.judges.probe import DEFAULT_PROBE, ResponseProbe, merge_probe
+from refusaldir.judges.probe import (
+    DEFAULT_PROBE,
+    ProbeJudge,
+    ResponseProbe,
+    merge_probe,
+    probe_candidates,
+)
 from refusaldir.stats import rate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +122,9 @@ def probe_labels(rows: list[dict[str, Any]], cache: Path) -> list[str]:
     x = d["feats"][[pos[r["id"]] for r in rows], d["layers"].index(probe.layer)]
     p = probe.score_features(x).tolist()
     phrase = judge_by_source_full(PhraseJudge(), rows)
-    return [j.label for j in merge_probe(phrase, dict(enumerate(p)), probe.threshold)]
+    ask = probe_candidates(phrase, [r["response"] for r in rows],
+                           [r.get("finish_reason") == "length" for r in rows], ProbeJudge.MIN_WORDS)
+    return [j.label for j in merge_probe(phrase, {i: p[i] for i in ask}, probe.threshold)]
 
 
 def main() -> None:

@@ -34,6 +34,8 @@ def test_demo_audit(demo_model, demo_directions, tmp_path):
     beh = g["behaviour"]
     assert 0 <= beh["phrase"]["auroc"] <= 1 and 0 <= beh["logit"]["auroc"] <= 1, beh.get("logit")
 
+    judges = data["evaluation"]["judges"]  # the default judge, with its shipped credentials
+    assert judges["primary"] == "probe" and judges["credentials"]["probe"]["accuracy"]["n"] > 1000
     ev = data["evaluation"]["conditions"]
     assert ev["baseline"]["datasets"]["harmful"]["refusal"]["rate"] >= 0.5  # the demo model refuses
     assert ev["ablate"]["datasets"]["harmful"]["refusal"]["rate"] < \

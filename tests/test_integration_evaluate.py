@@ -14,8 +14,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 def test_demo_ablation_removes_refusal_without_moving_harmless(demo_model, demo_directions, tmp_path):
     sets = {"harmful": rd.load_prompts("harmful", "test"), "harmless": rd.load_prompts("harmless", "test")}
+    # Explicit refusals (the phrase judge); the default probe judge also counts deflections.
     res = evaluate(demo_model, demo_directions, conditions=["baseline", "ablate"], datasets=sets,
-                   max_new_tokens=32, batch_size=20, progress=False)
+                   judge="phrase", max_new_tokens=32, batch_size=20, progress=False)
     c = res.results["conditions"]
     base_h = c["baseline"]["datasets"]["harmful"]["refusal"]["rate"]
     abl_h = c["ablate"]["datasets"]["harmful"]["refusal"]["rate"]

@@ -18,7 +18,7 @@ from refusaldir.batching import AUTO, BatchSize, check_batch_size
 from refusaldir.errors import ConfigError
 from refusaldir.evaluate import CONDITIONS
 from refusaldir.guard import GUARD_METHODS
-from refusaldir.judges import check_judge_spec
+from refusaldir.judges import check_judge_spec, default_judge
 from refusaldir.select import MODES, SelectionConfig
 
 __all__ = ["COLORS", "DIGITS", "REPORT_HTML", "REPORT_JSON", "SETS", "AuditConfig", "resolve_config"]
@@ -52,7 +52,7 @@ class AuditConfig:
     batch_size: BatchSize = AUTO
     conditions: tuple[str, ...] = ("baseline", "ablate", "add", "ortho")
     add_coeff: float | None = None
-    judge: str = "phrase"
+    judge: str = field(default_factory=default_judge)
     cross_judges: tuple[str, ...] = ("prefix",)
     refusal_threshold: float = 0.05
     kl_threshold: float = 0.1

@@ -40,6 +40,7 @@ from refusaldir.directions import DirectionSet
 from refusaldir.errors import ConfigError, PromptFileError
 from refusaldir.guard import GUARD_METHODS, LatentGuard
 from refusaldir.io import prepare_out, staged_dir
+from refusaldir.judges import default_judge
 
 __all__: list[str] = []
 
@@ -64,7 +65,7 @@ def audit_cmd(
     conditions: Annotated[str, typer.Option(help="comma-separated conditions to evaluate")] = "baseline,ablate,add,ortho",
     add_coeff: Annotated[float | None, typer.Option(help="addition coefficient (default: calibrated on harmless val)")] = None,
     k_max: Annotated[int, typer.Option(help="most directions to ablate together in the concentration curve")] = 4,
-    judge: Annotated[str, typer.Option(help="judge of the completions: phrase, prefix, logit, model (self-judge), model:PATH or ensemble:A,B,...")] = "phrase",
+    judge: Annotated[str | None, typer.Option(help="judge of the completions: probe (default), probe:PATH, phrase (fast, model-free), prefix, logit, model (self-judge), model:PATH or ensemble:A,B,...")] = None,
     cross_judge: Annotated[str, typer.Option(help="comma-separated cross-check judges; the audit flags more than 10% disagreement ('' for none)")] = "prefix",
     guard_method: Annotated[str, typer.Option(help="latent guard: projection or centroid")] = "projection",
     target_fpr: Annotated[float, typer.Option(help="latent guard false-positive rate on harmless val")] = 0.05,
@@ -77,14 +78,15 @@ def audit_cmd(
     Runs extract (unless --directions), select, evaluate (baseline, ablation, addition,
     orthogonalized weights), the concentration curve and the latent guard.
     """
-    check_judge_spec(judge)
+    if judge is not None:
+        check_judge_spec(judge)
     for spec in cross_judge.split(","):
         if spec.strip():
             check_judge_spec(spec.strip(), "--cross-judge")
     cfg = AuditConfig(
         mode=mode, limit=limit or None, max_new_tokens=max_new_tokens, n_val=n_val,
         conditions=tuple(c.strip() for c in conditions.split(",") if c.strip()), add_coeff=add_coeff,
-        k_max=k_max, judge=judge, cross_judges=tuple(c.strip() for c in cross_judge.split(",") if c.strip()),
+        k_max=k_max, judge=judge or default_judge(), cross_judges=tuple(c.strip() for c in cross_judge.split(",") if c.strip()),
         guard_method=guard_method, target_fpr=target_fpr, batch_size=batch_size, seed=seed,
     )
     target = out_dir if out_dir is not None else _default_out(mo.model)

@@ -37,8 +37,10 @@ from refusaldir.io import atomic_write_files, dumps, field_error, loads_strict, 
 from refusaldir.judges import (
     EnsembleJudge,
     Judge,
+    ProbeJudge,
     combine,
     count_disagreements,
+    default_judge,
     deflection_report,
     is_repetitive,
     make_judge,
@@ -220,7 +222,7 @@ def evaluate(
     *,
     conditions: Sequence[str] = ("baseline", "ablate", "add"),
     datasets: Mapping[str, PromptSet | Sequence[str]] | None = None,
-    judge: Judge | str = "phrase",
+    judge: Judge | str | None = None,
     cross_judges: Sequence[Judge | str] = ("prefix",),
     max_new_tokens: int = 64,
     batch_size: BatchSize = AUTO,
@@ -236,7 +238,8 @@ def evaluate(
 
     ``datasets`` defaults to the shipped harmful and harmless **test** splits and the
     borderline-safe set (``borderline`` → over-refusal). ``judge`` labels every completion:
-    a spec (:data:`refusaldir.judges.JUDGE_SPECS`: ``"phrase"``, ``"prefix"``, ``"logit"``,
+    a spec (:data:`refusaldir.judges.JUDGE_SPECS`: ``"probe"`` — the default,
+    :func:`refusaldir.judges.default_judge` —, ``"phrase"``, ``"prefix"``, ``"logit"``,
     ``"model"`` — the unedited model judges —, ``"model:PATH"``, ``"ensemble:A,B"``) or a
     :class:`Judge`. Each of ``cross_judges`` labels them too; the share of responses on which
     it disagrees with ``judge`` (refused vs not) is reported per dataset and overall, and
@@ -279,6 +282,8 @@ def evaluate(
         sets[name] = ps
     harmful_val = None if harmful_val is None else check_prompts(harmful_val, "harmful_val")
     harmless_val = None if harmless_val is None else check_prompts(harmless_val, "harmless_val")
+    if judge is None:
+        judge = default_judge()
     jd = make_judge(judge, model=model, harmful_val=harmful_val) if isinstance(judge, str) else judge
     if isinstance(cross_judges, str):
         cross_judges = [c.strip() for c in cross_judges.split(",") if c.strip()]
@@ -314,9 +319,8 @@ def evaluate(
                              batch_size=batch_size, progress=progress)
             t_gen += time.perf_counter() - t
             t = time.perf_counter()
-            texts = [c.completion for c in comps]
-            verdicts = _judge(jd, m, cond, list(ps), texts, batch_size)
-            others = {cj.name: [v.label for v in _judge(cj, m, cond, list(ps), texts, batch_size)]
+            verdicts = _judge(jd, m, cond, list(ps), comps, batch_size)
+            others = {cj.name: [v.label for v in _judge(cj, m, cond, list(ps), comps, batch_size)]
                       for cj in crosses}
             t_judge += time.perf_counter() - t
             labels = [v.label for v in verdicts]
@@ -356,11 +360,14 @@ def evaluate(
     return EvaluationResult(results, rows)
 
 
-def _judge(jd: Any, model: ChatModel, cond: Condition, prompts: list[str], responses: list[str],
+def _judge(jd: Any, model: ChatModel, cond: Condition, prompts: list[str], comps: list[Completion],
            batch_size: BatchSize) -> list[Any]:
     if isinstance(jd, EnsembleJudge):  # members may read the model (logit)
-        votes = [_judge(mj, model, cond, prompts, responses, batch_size) for mj in jd.members]
+        votes = [_judge(mj, model, cond, prompts, comps, batch_size) for mj in jd.members]
         return [combine(list(v)) for v in zip(*votes)]
     if hasattr(jd, "judge_prompts"):  # first-token judge: reads the model under the condition
         return jd.judge_prompts(model, prompts, cond.interventions, batch_size=batch_size)
+    responses = [c.completion for c in comps]
+    if isinstance(jd, ProbeJudge):  # it leaves fragments cut by the token limit to the phrases
+        return jd.judge_many(prompts, responses, truncated=[c.finish_reason == "length" for c in comps])
     return jd.judge_many(prompts, responses)
