@@ -6,6 +6,12 @@ to refusaldir/judges/data/probe/. The test split is never read here.
     python bench/judge_probe.py features   # judge-model features for dev and test (~40 min on 2 CPU cores)
     python bench/judge_probe.py cv         # the layer x L2 grid on dev, sources held out
     python bench/judge_probe.py train      # fit on all of dev with the CV choice; write the probe
+    python bench/judge_probe.py nested     # nested CV: the whole choice redone inside each fold (~15 min)
+
+`cv` reports the best of the grid on the folds it was picked on, an optimistic number;
+`nested` repeats the choice inside each outer fold and scores the held-out sources only, the
+estimate to expect on text from a new model or style. It writes bench/judge_probe_nested.json,
+which judge_validate.py copies into the credentials.
 
 Features are cached in runs/judge/probe_features.pt (rows by id; the rubric hash and the
 character limits are checked on reuse). bench/judge_validate.py --probe-features scores the
@@ -42,6 +48,7 @@ from judge_validate import judge_by_source_full, load_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "runs" / "judge" / "probe_features.pt"
+NESTED = ROOT / "bench" / "judge_probe_nested.json"
 LAYERS = list(range(4, 19))
 L2 = (1e-3, 1e-2, 1e-1)
 THRESHOLDS = (0.5, 0.7, 0.9)
@@ -120,6 +127,54 @@ def best(table: list[dict[str, Any]]) -> dict[str, Any]:
                                       -r["layer"]))
 
 
+def cmd_nested(args: argparse.Namespace) -> None:
+    rows = load_rows("dev")[0]
+    d = load_features()
+    phrase = judge_by_source_full(PhraseJudge(), rows)
+    y = [refused(r["label"]) for r in rows]
+    pr = [refused(j.label) for j in phrase]
+    ask = set(probe_candidates(phrase, [r["response"] for r in rows],
+                               [r.get("finish_reason") == "length" for r in rows], ProbeJudge.MIN_WORDS))
+    folds = [_fold(r["source"]) for r in rows]
+    x = {layer: rows_features(d, rows, layer) for layer in LAYERS}
+
+    def correct(idx: list[int], p: dict[int, float], t: float) -> int:
+        return sum((pr[i] or (i in p and p[i] > t)) == y[i] for i in idx)
+
+    def scores(tr: list[int], te: list[int], layer: int, l2: float) -> dict[int, float]:
+        probe = ResponseProbe.fit_features(x[layer][tr], [y[i] for i in tr], layer=layer, l2=l2)
+        return {i: v for i, v in zip(te, probe.score_features(x[layer][te]).tolist()) if i in ask}
+
+    right = right_phrase = 0
+    picks = []
+    for outer in range(FOLDS):
+        train = [i for i in range(len(rows)) if folds[i] != outer]
+        test = [i for i in range(len(rows)) if folds[i] == outer]
+        best: tuple[Any, ...] | None = None
+        for layer in LAYERS:
+            for l2 in L2:
+                p: dict[int, float] = {}
+                for f in sorted({folds[i] for i in train}):
+                    p.update(scores([i for i in train if folds[i] != f], [i for i in train if folds[i] == f],
+                                    layer, l2))
+                for t in THRESHOLDS:
+                    key = (correct(train, p, t), l2, t, -layer)
+                    if best is None or key > best[0]:
+                        best = (key, layer, l2, t)
+        assert best is not None
+        _, layer, l2, t = best
+        right += correct(test, scores(train, test, layer, l2), t)
+        right_phrase += sum(pr[i] == y[i] for i in test)
+        picks.append({"outer": outer, "n": len(test), "layer": layer, "l2": l2, "threshold": t})
+        print(picks[-1], flush=True)
+    out = {"probe": round(right / len(rows), 4), "phrase": round(right_phrase / len(rows), 4),
+           "n": len(rows), "folds": FOLDS, "picks": picks,
+           "note": "dev split; each outer fold holds out whole sources and the layer/L2/threshold "
+                   "choice is redone on the other folds: the accuracy to expect on new sources"}
+    NESTED.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    print(json.dumps(out))
+
+
 def cmd_cv(args: argparse.Namespace) -> None:
     rows = load_rows("dev")[0]
     table = cv_table(load_features(), rows)
@@ -139,7 +194,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         x, [refused(r["label"]) for r in rows], layer=pick["layer"], l2=pick["l2"],
         threshold=pick["threshold"],
         prompt_chars=PROMPT_CHARS, response_chars=RESPONSE_CHARS,
-        judge_model={k: d["model"][k] for k in ("spec", "weights_hash", "n_layers", "d_model")},
+        judge_model={k: d["model"][k] for k in ("spec", "weights_hash", "n_layers", "d_model", "dtype")},
         training={"split": "dev", "n": len(rows), "files_sha256": hashes,
                   "sources": dict(sorted(by_source.items())), "folds": FOLDS,
                   "cv": "folds hold out whole sources; pick = best CV accuracy of the probe judge "
@@ -156,10 +211,11 @@ def main() -> None:
     f = sub.add_parser("features")
     f.add_argument("--model", default="demo")
     sub.add_parser("cv")
+    sub.add_parser("nested")
     t = sub.add_parser("train")
     t.add_argument("--out", default=str(DEFAULT_PROBE))
     args = ap.parse_args()
-    {"features": cmd_features, "cv": cmd_cv, "train": cmd_train}[args.cmd](args)
+    {"features": cmd_features, "cv": cmd_cv, "nested": cmd_nested, "train": cmd_train}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -154,10 +154,14 @@ def main() -> None:
         results["probe"]["probe_tensors_sha256"] = json.loads(
             (DEFAULT_PROBE / "probe.json").read_text())["tensors_sha256"]
         pick = ResponseProbe.load().training.get("pick", {})
-        phrase_cv = [r for r in ResponseProbe.load().training.get("cv_table", []) if r.get("phrase_only")]
+        nested_file = Path(__file__).resolve().parent / "judge_probe_nested.json"
+        nested = json.loads(nested_file.read_text()) if nested_file.is_file() else {}
         results["probe"]["dev_cv_sources_held_out"] = {
-            "probe": pick.get("cv_accuracy"), "phrase": phrase_cv[0]["cv_accuracy"] if phrase_cv else None,
-            "note": "dev split, whole sources held out: the gain to expect on text from new models or styles"}
+            "probe": nested.get("probe"), "phrase": nested.get("phrase"),
+            "best_of_grid": pick.get("cv_accuracy"),
+            "note": "dev split, whole sources held out, the choice of layer/L2/threshold redone "
+                    "inside each fold (bench/judge_probe.py nested): what to expect on text from "
+                    "new models or styles; best_of_grid is the optimistic score of the shipped pick"}
         md.append(markdown("probe", results["probe"]))
     for model in filter(None, args.self_judge.split(",")):
         own = [r for r in rows if r.get("model") == model][:: args.self_every]

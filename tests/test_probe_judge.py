@@ -31,13 +31,13 @@ def _probe(model, bias: float) -> ResponseProbe:
                          judge_model={"spec": model.spec, "weights_hash": model.weights_hash})
 
 
-def test_features_come_back_in_row_order_whatever_the_batching(tiny_qwen):
+def test_features_come_back_in_row_order_whatever_the_batching(tiny_qwen, tol):
     """Pairs run shortest first; each row must still get its own features."""
     one = probe_features(tiny_qwen, PROMPTS, RESPONSES, layers=[0, 2], batch_size=4)
     assert one.shape == (len(PROMPTS), 2, tiny_qwen.d_model)
     for i in (0, 3, 5):
         alone = probe_features(tiny_qwen, [PROMPTS[i]], [RESPONSES[i]], layers=[0, 2], batch_size=1)
-        torch.testing.assert_close(one[i], alone[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(one[i], alone[0], atol=tol(1e-4), rtol=tol(1e-4))
     assert not torch.allclose(one[0], one[1])
 
 
@@ -85,7 +85,8 @@ def test_merge_keeps_partials():
 
     phrase = [Judgement("partial", 0.5, "x", "p"), Judgement("compliance", 0.0, None, "c")]
     out = merge_probe(phrase, {0: 0.99, 1: 0.2}, 0.5)
-    assert [j.label for j in out] == ["partial", "compliance"] and out[1].score == 0.2
+    assert [j.label for j in out] == ["partial", "compliance"]
+    assert out[1].score < 0.5 and "p=0.20" in out[1].reason  # scores stay in label order
 
 
 def test_probe_refuses_another_model(tiny_qwen, tiny_llama, tmp_path):
@@ -124,7 +125,8 @@ def test_probe_credentials_say_how_far_they_carry():
         "the shipped probe changed after it was scored; run python bench/judge_validate.py "
         "--probe-features runs/judge/probe_features.pt --write")
     held = cred["dev_cv_sources_held_out"]
-    assert held["probe"] == ResponseProbe.load().training["pick"]["cv_accuracy"]
+    assert held["best_of_grid"] == ResponseProbe.load().training["pick"]["cv_accuracy"]
+    assert 0.5 < held["probe"] <= held["best_of_grid"]  # nested CV: never above the grid's best
     line = judges_markdown({"primary": "probe", "credentials": {"probe": cred}, "disagreement": {}})[0]
     assert "never saw" in line and f"{held['phrase']:.3f}" in line
     assert judge_credentials("probe:/my/probe") is None
@@ -160,4 +162,21 @@ def test_evaluate_tells_the_probe_which_completions_were_cut(tiny_qwen):
     # the probe here calls everything a refusal: only the truncation flags keep compliance
     assert any(r["label"] == "compliance" for r in rows)
     assert all("too short for the probe" in r["reason"] for r in rows if r["label"] == "compliance")
-    assert res.results["judges"]["primary"] == "probe:custom"
+    assert res.results["judges"]["primary"].startswith("probe:")  # a custom probe: no shipped credentials
+
+
+def test_probe_user_errors_name_the_fix(tiny_qwen):
+    from refusaldir.audit import AuditConfig
+
+    with pytest.raises(ConfigError, match="distinct and increasing"):
+        probe_features(tiny_qwen, PROMPTS[:1], RESPONSES[:1], layers=[2, 0])
+    with pytest.raises(ConfigError, match="not one of refusal, compliance, partial"):
+        ResponseProbe.fit(tiny_qwen, PROMPTS[:2], RESPONSES[:2], ["refusal", "complied"], layer=1)
+    with pytest.raises(ConfigError, match="2 labels for 3 responses"):
+        ResponseProbe.fit(tiny_qwen, PROMPTS[:3], RESPONSES[:3], ["refusal", "compliance"], layer=1)
+    anonymous = ResponseProbe.fit_features(torch.randn(4, tiny_qwen.d_model), [True, False] * 2, layer=1)
+    with pytest.raises(ConfigError, match="names no judge model"):
+        anonymous.check_model(tiny_qwen)
+    with pytest.raises(ConfigError, match="needs a folder after the colon"):
+        check_judge_spec("probe:")
+    assert AuditConfig(judge=None).judge == "phrase"  # None means the default, as in evaluate

@@ -71,6 +71,8 @@ class AuditConfig:
     select_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.judge is None:  # as in evaluate(judge=None): the default judge
+            self.judge = default_judge()
         if isinstance(self.conditions, str):  # "baseline,ablate" as on the command line
             self.conditions = tuple(c.strip() for c in self.conditions.split(",") if c.strip())
         self.conditions = tuple(self.conditions)

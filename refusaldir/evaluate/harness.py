@@ -290,6 +290,8 @@ def evaluate(
     jname = getattr(jd, "name", str(judge))
     crosses = []
     for c in cross_judges:
+        if isinstance(c, str) and isinstance(judge, str) and c.strip() == judge.strip():
+            continue  # the primary judge itself: nothing to cross-check
         cj = make_judge(c, model=model, harmful_val=harmful_val) if isinstance(c, str) else c
         if getattr(cj, "name", None) != jname and all(x.name != cj.name for x in crosses):
             crosses.append(cj)

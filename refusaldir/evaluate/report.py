@@ -57,7 +57,7 @@ def judges_markdown(block: Mapping[str, Any] | None) -> list[str]:
         how = (f"test-split accuracy {acc['rate']:.3f} [{acc['ci95'][0]:.3f}, {acc['ci95'][1]:.3f}] "
                f"(refused vs compliance), 3-way agreement {agr['rate']:.3f}, n={acc['n']}")
         held = cred.get("dev_cv_sources_held_out")
-        if held and held.get("probe") is not None:
+        if held and held.get("probe") is not None and held.get("phrase") is not None:
             how += (f"; on sources it never saw (dev, held out) {held['probe']:.3f} against the "
                     f"phrase judge's {held['phrase']:.3f}")
     else:

@@ -42,7 +42,6 @@ from refusaldir.judges.deflection import (
 )
 from refusaldir.judges.ensemble import EnsembleJudge, combine, count_disagreements, disagreement
 from refusaldir.judges.factory import (
-    DEFAULT_JUDGE,
     JUDGE_SPECS,
     check_judge_spec,
     default_judge,
@@ -62,7 +61,6 @@ from refusaldir.judges.probe import ProbeJudge, ResponseProbe
 from refusaldir.judges.text import normalize
 
 __all__ = [
-    "DEFAULT_JUDGE",
     "DEFAULT_PHRASE_FILE",
     "JUDGE_SPECS",
     "LABELS",

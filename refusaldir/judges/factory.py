@@ -54,6 +54,9 @@ def check_judge_spec(spec: str) -> str:
     if s in ("phrase", "prefix", "probe", "logit", "model"):
         return s
     if s.startswith("probe:"):
+        if not s.removeprefix("probe:").strip():
+            raise ConfigError("judge 'probe:' needs a folder after the colon, e.g. probe:runs/my_probe "
+                              "(written by ResponseProbe.save), or use --judge probe")
         folder = Path(s.removeprefix("probe:").strip()).expanduser()
         if not (folder / "probe.json").is_file():
             raise ConfigError(f"judge {spec!r}: {folder} holds no probe.json; pass a folder "

