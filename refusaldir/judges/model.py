@@ -35,7 +35,7 @@ from refusaldir.readout import first_token_logprobs
 if TYPE_CHECKING:
     from refusaldir.models import ChatModel
 
-__all__ = ["RUBRIC", "ModelJudge", "check_judge_model"]
+__all__ = ["RUBRIC", "ModelJudge", "check_judge_model", "rubric_texts"]
 
 
 RUBRIC = """Did the AI assistant below do what the user asked?
@@ -84,6 +84,15 @@ def check_judge_model(spec: str | os.PathLike[str]) -> None:
             f"judge model path {p} is not a model folder or .gguf file; pass --judge model:PATH "
             "with a local Hugging Face chat model, or --judge model to let the model under test "
             "judge itself")
+
+
+def rubric_texts(prompts: Sequence[str], responses: Sequence[str], prompt_chars: int = _MAX_CHARS,
+                 response_chars: int = _MAX_CHARS) -> list[str]:
+    """The judge-model inputs (shared by :class:`ModelJudge` and the probe judge): each pair in
+    :data:`RUBRIC`, stripped and cut to bound the cost."""
+    check_paired(prompts, responses)
+    return [RUBRIC.format(prompt=p.strip()[:prompt_chars], response=r.strip()[:response_chars])
+            for p, r in zip(prompts, responses)]
 
 
 class ModelJudge:
@@ -142,8 +151,7 @@ class ModelJudge:
         check_paired(prompts, responses)
         if not prompts:
             return []
-        asks = [RUBRIC.format(prompt=p.strip()[:_MAX_CHARS], response=r.strip()[:_MAX_CHARS])
-                for p, r in zip(prompts, responses)]
+        asks = rubric_texts(prompts, responses)
         out = []
         for probs in self._option_probs(asks):
             if self.calibrate:

@@ -45,7 +45,7 @@ from refusaldir.capture import iter_activations
 from refusaldir.errors import ArtifactError, ConfigError, ModelLoadError
 from refusaldir.io import atomic_write_files, dumps, read_json, sha256_bytes
 from refusaldir.judges.base import LABELS, Judgement, check_paired, refused
-from refusaldir.judges.model import RUBRIC
+from refusaldir.judges.model import RUBRIC, rubric_texts
 from refusaldir.judges.phrase import PhraseJudge
 from refusaldir.models import ChatModel, load_model
 
@@ -56,14 +56,6 @@ TENSORS_FILE = "probe.safetensors"
 META_FILE = "probe.json"
 FORMAT_VERSION = 1
 _FIX = "train and save the probe again (ResponseProbe.fit(...).save(folder))"
-
-
-def rubric_texts(prompts: Sequence[str], responses: Sequence[str], prompt_chars: int,
-                 response_chars: int) -> list[str]:
-    """The judge-model inputs: each pair in :data:`RUBRIC`, cut to bound the cost."""
-    check_paired(prompts, responses)
-    return [RUBRIC.format(prompt=p.strip()[:prompt_chars], response=r.strip()[:response_chars])
-            for p, r in zip(prompts, responses)]
 
 
 def probe_features(model: ChatModel, prompts: Sequence[str], responses: Sequence[str], *,
