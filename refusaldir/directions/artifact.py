@@ -22,12 +22,13 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load, save
+from safetensors.torch import load
 from torch import Tensor
 
 from refusaldir.errors import ArtifactError
 from refusaldir.hooks import RESID_POINTS
-from refusaldir.io import field_error, loads_strict, sha256_bytes, sha256_file
+from refusaldir.io import field_error, sha256_bytes, sha256_file
+from refusaldir.tensorio import read_folder, tensor_bytes
 
 __all__ = [
     "FORMAT_VERSION", "METADATA_FILE", "REQUIRED", "TENSORS_FILE", "check_metadata", "encode",
@@ -54,7 +55,7 @@ def encode(
     their sha256."""
     header = {"format": "refusaldir", "positions": json.dumps(positions), "layers": json.dumps(layers),
               "t_inst": json.dumps(t_inst), "hook_point": json.dumps(hook_point)}
-    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=header)
+    data = tensor_bytes(tensors, header)
     return data, sha256_bytes(data)
 
 
@@ -65,64 +66,17 @@ def header_fields(data: bytes) -> dict[str, Any]:
     return {k: json.loads(extra[k]) for k in HEADER_KEYS if k in extra}
 
 
-def _read_pair(src: Path) -> tuple[bytes, bytes]:
-    """Both files from one generation of the folder: opened through one handle on the folder,
-    so a writer swapping in a new folder meanwhile cannot hand us one file of each."""
-    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        def get(name: str) -> bytes:
-            with os.fdopen(os.open(name, os.O_RDONLY, dir_fd=fd), "rb") as f:
-                return f.read()
-
-        return get(METADATA_FILE), get(TENSORS_FILE)
-    finally:
-        os.close(fd)
-
-
-def _snapshot(src: Path, attempts: int = 5) -> tuple[bytes, bytes]:
-    """:func:`_read_pair`, again when a concurrent save replaced the folder or a file mid-read
-    (a missing file, or tensors that do not match the sha256 in the metadata read with them)."""
-    for _ in range(attempts - 1):
-        try:
-            text, data = _read_pair(src)
-            sha = json.loads(text).get("tensors_sha256")
-        except FileNotFoundError:
-            continue
-        except (ValueError, AttributeError):  # not JSON or not an object: read() reports it
-            return text, data
-        if sha is None or sha == sha256_bytes(data):
-            return text, data
-    return _read_pair(src)
-
-
 def read(src: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """``metadata.json`` and the tensors of the run folder ``src``, checked (see module doc)."""
-    tpath, mpath = src / TENSORS_FILE, src / METADATA_FILE
-    if not tpath.is_file() or not mpath.is_file():
-        raise ArtifactError(
-            f"{src} does not contain {TENSORS_FILE} and {METADATA_FILE}; run "
-            f"`refusaldir extract --out {src}` first"
-        )
+    meta, tensors, data = read_folder(
+        src, tensors_file=TENSORS_FILE, meta_file=METADATA_FILE,
+        fix=_fix(src),
+        missing_fix=f"run `refusaldir extract --out {src}` first")
     try:
-        text, data = _snapshot(src)
-        meta = loads_strict(text.decode("utf-8"), mpath, "re-run `refusaldir extract`")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{src} could not be read ({exc}); check its permissions, or re-run "
-                            "`refusaldir extract`") from exc
-    expected = meta.get("tensors_sha256") if isinstance(meta, dict) else None
-    if expected is not None and sha256_bytes(data) != expected:
-        raise ArtifactError(
-            f"{tpath} does not match the sha256 recorded in {mpath.name} (truncated or "
-            "modified); re-run `refusaldir extract` to regenerate it"
-        )
-    try:
-        tensors = load(data)
         header = header_fields(data)
-    except (SafetensorError, ValueError, TypeError, RuntimeError) as exc:
-        raise ArtifactError(
-            f"{tpath} could not be read ({exc}); the file is truncated or corrupt — re-run "
-            "`refusaldir extract`"
-        ) from exc
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ArtifactError(f"{src / TENSORS_FILE} has an unreadable header ({exc}); the file is "
+                            "corrupt — re-run `refusaldir extract`") from exc
     check_metadata(meta, tensors, header, src)
     return meta, tensors
 

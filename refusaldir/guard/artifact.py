@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load, save
 from torch import Tensor
 
 from refusaldir.errors import ArtifactError
 from refusaldir.hooks import RESID_POINTS
-from refusaldir.io import dumps, field_error, read_json, sha256_bytes
+from refusaldir.io import field_error
+from refusaldir.tensorio import encode_folder, read_folder
 
 __all__ = [
     "FORMAT_VERSION", "GUARD_METHODS", "META_FILE", "TENSORS_FILE", "TENSOR_NAMES", "check_guard",
@@ -42,32 +41,16 @@ FIX = "fit and save the guard again (LatentGuard.save or `refusaldir guard --sav
 
 def encode(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, bytes]:
     """The two files of a guard folder, in the order they are renamed into place."""
-    data = save({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
-                metadata={"format": "refusaldir-guard"})
-    return {TENSORS_FILE: data, META_FILE: dumps({**meta, "tensors_sha256": sha256_bytes(data)}).encode()}
+    return encode_folder({k: v.float() for k, v in tensors.items()}, meta, tensors_file=TENSORS_FILE,
+                         meta_file=META_FILE, header={"format": "refusaldir-guard"})
 
 
 def read(src: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """``guard.json`` and the tensors of the guard folder ``src``, checked."""
-    tpath, mpath = src / TENSORS_FILE, src / META_FILE
-    if not tpath.is_file() or not mpath.is_file():
-        raise ArtifactError(
-            f"{src} does not contain {TENSORS_FILE} and {META_FILE}; save a guard there with "
-            "LatentGuard.save or `refusaldir guard --save`"
-        )
-    meta = read_json(mpath, FIX)
-    try:
-        data = tpath.read_bytes()
-    except OSError as exc:
-        raise ArtifactError(f"{tpath} could not be read ({exc.strerror or exc}); check its permissions") from exc
-    want = meta.get("tensors_sha256") if isinstance(meta, dict) else None
-    if want is not None and sha256_bytes(data) != want:
-        raise ArtifactError(f"{tpath} does not match the sha256 in {META_FILE} (truncated or modified); {FIX}")
-    try:
-        tensors = load(data)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise ArtifactError(f"{src} holds an unreadable guard ({exc}); {FIX}") from exc
-    check_guard(meta, tensors, mpath)
+    meta, tensors, _ = read_folder(
+        src, tensors_file=TENSORS_FILE, meta_file=META_FILE, fix=FIX,
+        missing_fix="save a guard there with LatentGuard.save or `refusaldir guard --save`")
+    check_guard(meta, tensors, src / META_FILE)
     return meta, tensors
 
 

@@ -36,18 +36,17 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
-from safetensors import SafetensorError
-from safetensors.torch import load, save
 from torch import Tensor
 
 from refusaldir.batching import BatchSize
 from refusaldir.capture import iter_activations
 from refusaldir.errors import ArtifactError, ConfigError, ModelLoadError
-from refusaldir.io import atomic_write_files, dumps, read_json, sha256_bytes
+from refusaldir.io import atomic_write_files, sha256_bytes
 from refusaldir.judges.base import LABELS, Judgement, check_paired, refused
 from refusaldir.judges.model import RUBRIC, rubric_texts
 from refusaldir.judges.phrase import PhraseJudge
 from refusaldir.models import ChatModel, load_model
+from refusaldir.tensorio import encode_folder, read_folder
 
 __all__ = ["DEFAULT_PROBE", "ProbeJudge", "ResponseProbe", "merge_probe", "probe_candidates", "probe_features"]
 
@@ -215,37 +214,28 @@ class ResponseProbe:
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Write ``probe.safetensors`` + ``probe.json`` into ``folder`` atomically."""
-        tensors = {"weight": self.weight, "loc": self.loc, "scale": self.scale}
-        data = save({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
-                    metadata={"format": "refusaldir-probe"})
+        tensors = {"weight": self.weight.float(), "loc": self.loc.float(), "scale": self.scale.float()}
         meta = {"format_version": FORMAT_VERSION, "bias": self.bias, "layer": self.layer,
                 "hook_point": "resid_pre", "position": -1, "threshold": self.threshold,
                 "l2": self.l2, "prompt_chars": self.prompt_chars,
                 "response_chars": self.response_chars, "rubric_sha256": sha256_bytes(RUBRIC),
-                "judge_model": self.judge_model, "training": self.training,
-                "tensors_sha256": sha256_bytes(data)}
-        return atomic_write_files(folder, {TENSORS_FILE: data, META_FILE: dumps(meta).encode()})
+                "judge_model": self.judge_model, "training": self.training}
+        return atomic_write_files(folder, encode_folder(tensors, meta, tensors_file=TENSORS_FILE,
+                                                        meta_file=META_FILE,
+                                                        header={"format": "refusaldir-probe"}))
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str] = DEFAULT_PROBE) -> ResponseProbe:
         """Read a probe folder written by :meth:`save` (checked; no pickle)."""
         src = Path(folder).expanduser()
-        tpath, mpath = src / TENSORS_FILE, src / META_FILE
-        if not tpath.is_file() or not mpath.is_file():
-            raise ArtifactError(f"{src} does not contain {TENSORS_FILE} and {META_FILE}; {_FIX}")
-        meta = read_json(mpath, _FIX)
-        data = tpath.read_bytes()
+        mpath = src / META_FILE
+        meta, t, _ = read_folder(src, tensors_file=TENSORS_FILE, meta_file=META_FILE, fix=_FIX,
+                                 require_sha=True)
         if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
             raise ArtifactError(f"{mpath} is not a format-{FORMAT_VERSION} probe; {_FIX}")
-        if meta.get("tensors_sha256") != sha256_bytes(data):
-            raise ArtifactError(f"{tpath} does not match the sha256 in {mpath}; {_FIX}")
         if meta.get("rubric_sha256") != sha256_bytes(RUBRIC):
             raise ArtifactError(f"{mpath} was trained on judge rubric {meta.get('rubric_sha256')}, "
                                 f"not this version's {sha256_bytes(RUBRIC)}; {_FIX}")
-        try:
-            t = load(data)
-        except SafetensorError as e:
-            raise ArtifactError(f"{tpath} is not a readable safetensors file ({e}); {_FIX}") from e
         try:
             return cls(t["weight"], float(meta["bias"]), t["loc"], t["scale"], layer=int(meta["layer"]),
                        threshold=float(meta["threshold"]), l2=float(meta["l2"]),
