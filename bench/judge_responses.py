@@ -43,6 +43,11 @@ def sets() -> dict[str, dict[str, list[str]]]:
             "harmless": list(rd.load_prompts("harmless", "test")),
             "borderline": border[1::2],
         },
+        # more tuning data: the train prompts (never test prompts) under the edited conditions
+        "train": {
+            "harmful": list(rd.load_prompts("harmful", "train")),
+            "harmless": list(rd.load_prompts("harmless", "train")),
+        },
     }
 
 
@@ -51,7 +56,11 @@ def main() -> None:
     ap.add_argument("--model", default="demo")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--splits", default="dev,test", help="which splits to generate (comma-separated)")
+    ap.add_argument("--splits", default="dev,test",
+                    help="which prompt splits to generate (comma-separated: dev, test, train; "
+                         "train rows are labelled split dev)")
+    ap.add_argument("--conditions", default="baseline,ablate,add", help="comma-separated")
+    ap.add_argument("--limit", type=int, default=None, help="at most this many prompts per set")
     args = ap.parse_args()
     t0 = time.time()
     model = rd.load_model(args.model, device="cpu", dtype="float32")
@@ -82,13 +91,16 @@ def main() -> None:
             if split not in args.splits.split(","):
                 continue
             for cond, (ivs, names) in conditions.items():
-                for name in names:
-                    prompts = by_set[name]
+                if cond not in args.conditions.split(","):
+                    continue
+                for name in [n for n in names if n in by_set]:
+                    prompts = by_set[name][:args.limit]
                     outs = generate(model, prompts, ivs, max_new_tokens=args.max_new_tokens)
                     for p, o in zip(prompts, outs):
                         f.write(json.dumps({
                             "source": f"{args.model}-{cond}", "model": args.model, "condition": cond,
-                            "split": split, "set": name, "prompt": p, "response": o.completion,
+                            "split": "dev" if split == "train" else split,
+                            "set": f"{name}-train" if split == "train" else name, "prompt": p, "response": o.completion,
                             "finish_reason": o.finish_reason,
                         }) + "\n")
                     f.flush()
