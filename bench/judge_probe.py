@@ -3,10 +3,11 @@ responses in tests/data/judge/, choosing its layer, L2 strength and threshold by
 holds out whole sources (a hand-written style, or one model under one condition), and ship it
 to refusaldir/judges/data/probe/. The test split is never read here.
 
-    python bench/judge_probe.py features   # judge-model features for dev and test (~40 min on 2 CPU cores)
+    python bench/judge_probe.py features   # judge-model features of rows not yet cached (all: ~50 min on 2 cores)
     python bench/judge_probe.py cv         # the layer x L2 grid on dev, sources held out
-    python bench/judge_probe.py train      # fit on all of dev with the CV choice; write the probe
+    python bench/judge_probe.py train      # fit on dev (but HELD_BACK_SETS) with the CV choice; write the probe
     python bench/judge_probe.py nested     # nested CV: the whole choice redone inside each fold (~15 min)
+    python bench/judge_probe.py added      # do the held-back dev rows help? (dev only; writes a json)
 
 `cv` reports the best of the grid on the folds it was picked on, an optimistic number;
 `nested` repeats the choice inside each outer fold and scores the held-out sources only, the
@@ -49,11 +50,23 @@ from judge_validate import judge_by_source_full, load_rows  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "runs" / "judge" / "probe_features.pt"
 NESTED = ROOT / "bench" / "judge_probe_nested.json"
+ADDED = ROOT / "bench" / "judge_probe_added.json"
+#: Dev rows held out of probe training: 300 answers of the edited models to the *train*
+#: prompts, labelled later to teach the probe the ablated models' deflections. `added` shows
+#: (dev only) that training on them does not help on the other dev rows, and that the probe
+#: stays weak on them either way; they stay in dev as a measurement of that hard case.
+HELD_BACK_SETS = ("harmful-train", "harmless-train")
 LAYERS = list(range(4, 19))
 L2 = (1e-3, 1e-2, 1e-1)
 THRESHOLDS = (0.5, 0.7, 0.9)
 FOLDS = 5
 PROMPT_CHARS, RESPONSE_CHARS = 600, 800
+
+
+def probe_rows() -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The dev rows the probe is chosen and trained on (all of dev but HELD_BACK_SETS)."""
+    rows, hashes = load_rows("dev")
+    return [r for r in rows if r.get("set") not in HELD_BACK_SETS], hashes
 
 
 def load_features(path: Path = CACHE) -> dict[str, Any]:
@@ -75,16 +88,29 @@ def rows_features(d: dict[str, Any], rows: list[dict[str, Any]], layer: int) -> 
 def cmd_features(args: argparse.Namespace) -> None:
     import refusaldir as rd
     rows = load_rows("dev")[0] + load_rows("test")[0]
+    old = load_features() if CACHE.is_file() and not args.all else None
+    if old is not None:  # only rows added since: the cached ones are kept as they are
+        have = set(old["ids"])
+        rows = [r for r in rows if r["id"] not in have]
+        if not rows:
+            print(f"all rows already in {CACHE}")
+            return
     model = rd.load_model(args.model)
+    if old is not None and old["model"]["weights_hash"] != model.describe()["weights_hash"]:
+        raise SystemExit(f"{CACHE} was computed with other judge-model weights; pass --all")
+    layers = old["layers"] if old is not None else LAYERS
     t = time.perf_counter()
     x = probe_features(model, [r["prompt"] for r in rows], [r["response"] for r in rows],
-                       layers=LAYERS, prompt_chars=PROMPT_CHARS, response_chars=RESPONSE_CHARS,
+                       layers=layers, prompt_chars=PROMPT_CHARS, response_chars=RESPONSE_CHARS,
                        batch_size=8, progress=True)
+    ids = [r["id"] for r in rows]
+    if old is not None:
+        ids, x = old["ids"] + ids, torch.cat([old["feats"], x])
     CACHE.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"ids": [r["id"] for r in rows], "layers": LAYERS, "feats": x,
+    torch.save({"ids": ids, "layers": layers, "feats": x,
                 "rubric_sha256": sha256_bytes(RUBRIC), "prompt_chars": PROMPT_CHARS,
                 "response_chars": RESPONSE_CHARS, "model": model.describe()}, CACHE)
-    print(f"{len(rows)} rows, {time.perf_counter() - t:.0f} s -> {CACHE}")
+    print(f"{len(rows)} new rows, {time.perf_counter() - t:.0f} s -> {CACHE} ({len(ids)} rows)")
 
 
 def _fold(source: str) -> int:
@@ -128,7 +154,7 @@ def best(table: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def cmd_nested(args: argparse.Namespace) -> None:
-    rows = load_rows("dev")[0]
+    rows = probe_rows()[0]
     d = load_features()
     phrase = judge_by_source_full(PhraseJudge(), rows)
     y = [refused(r["label"]) for r in rows]
@@ -175,14 +201,52 @@ def cmd_nested(args: argparse.Namespace) -> None:
     print(json.dumps(out))
 
 
-def cmd_cv(args: argparse.Namespace) -> None:
+def cmd_added(args: argparse.Namespace) -> None:
+    """Dev only: out-of-fold accuracy of the probe judge at the shipped pick, trained without
+    and with the held-back rows, scored on the other dev rows and on the held-back ones."""
     rows = load_rows("dev")[0]
+    pick = ResponseProbe.load().training["pick"]
+    layer, l2, t = pick["layer"], pick["l2"], pick["threshold"]
+    d = load_features()
+    phrase = judge_by_source_full(PhraseJudge(), rows)
+    y = [refused(r["label"]) for r in rows]
+    pr = [refused(j.label) for j in phrase]
+    ask = set(probe_candidates(phrase, [r["response"] for r in rows],
+                               [r.get("finish_reason") == "length" for r in rows], ProbeJudge.MIN_WORDS))
+    back = [r.get("set") in HELD_BACK_SETS for r in rows]
+    folds = [_fold(r["source"]) for r in rows]
+    x = rows_features(d, rows, layer)
+    out: dict[str, Any] = {"pick": {"layer": layer, "l2": l2, "threshold": t},
+                           "n_other_dev": back.count(False), "n_held_back": back.count(True)}
+    for name, use in (("trained_without", False), ("trained_with", True)):
+        p: dict[int, float] = {}
+        for f in range(FOLDS):
+            tr = [i for i in range(len(rows)) if folds[i] != f and (use or not back[i])]
+            te = [i for i in range(len(rows)) if folds[i] == f]
+            probe = ResponseProbe.fit_features(x[tr], [y[i] for i in tr], layer=layer, l2=l2)
+            p.update(zip(te, probe.score_features(x[te]).tolist()))
+
+        def acc(want: bool) -> float:
+            idx = [i for i in range(len(rows)) if back[i] == want]
+            return round(sum((pr[i] or (i in ask and p[i] > t)) == y[i] for i in idx) / len(idx), 4)
+
+        out[name] = {"other_dev": acc(False), "held_back": acc(True)}
+    idx = [i for i in range(len(rows)) if back[i]]
+    out["phrase_on_held_back"] = round(sum(pr[i] == y[i] for i in idx) / len(idx), 4)
+    out["note"] = ("dev split, 5 folds holding out whole sources; the held-back rows do not raise "
+                   "the probe's accuracy on the other dev rows, so the probe is trained without them")
+    ADDED.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    print(json.dumps(out))
+
+
+def cmd_cv(args: argparse.Namespace) -> None:
+    rows = probe_rows()[0]
     table = cv_table(load_features(), rows)
     print("best:", best(table))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    rows, hashes = load_rows("dev")
+    rows, hashes = probe_rows()
     d = load_features()
     table = cv_table(d, rows)
     pick = best(table)
@@ -196,6 +260,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         prompt_chars=PROMPT_CHARS, response_chars=RESPONSE_CHARS,
         judge_model={k: d["model"][k] for k in ("spec", "weights_hash", "n_layers", "d_model", "dtype")},
         training={"split": "dev", "n": len(rows), "files_sha256": hashes,
+                  "held_back_sets": list(HELD_BACK_SETS),
                   "sources": dict(sorted(by_source.items())), "folds": FOLDS,
                   "cv": "folds hold out whole sources; pick = best CV accuracy of the probe judge "
                         "(phrase judge, then the probe on what it calls compliance)",
@@ -210,12 +275,15 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("features")
     f.add_argument("--model", default="demo")
+    f.add_argument("--all", action="store_true", help="recompute every row, not only uncached ones")
     sub.add_parser("cv")
     sub.add_parser("nested")
+    sub.add_parser("added")
     t = sub.add_parser("train")
     t.add_argument("--out", default=str(DEFAULT_PROBE))
     args = ap.parse_args()
-    {"features": cmd_features, "cv": cmd_cv, "nested": cmd_nested, "train": cmd_train}[args.cmd](args)
+    {"features": cmd_features, "cv": cmd_cv, "nested": cmd_nested, "train": cmd_train,
+     "added": cmd_added}[args.cmd](args)
 
 
 if __name__ == "__main__":

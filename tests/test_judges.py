@@ -91,6 +91,9 @@ def test_labelled_set_is_well_formed() -> None:
             assert splits == {"dev", "test"} or src.startswith("demo-"), src
     models = {r.get("model") for r in rows} - {None}
     assert {"demo", "smollm2"} <= models
+    # a model's test answers are to prompts it never answered on dev (no probe training on them)
+    dev_prompts = {r["prompt"] for r in rows if r.get("model") and r["split"] == "dev"}
+    assert not [r["id"] for r in rows if r.get("model") and r["split"] == "test" and r["prompt"] in dev_prompts]
     conditions = {(r["model"], r["condition"]) for r in rows if r.get("model")}
     assert conditions >= {(m, c) for m in ("demo", "smollm2") for c in ("baseline", "ablate", "add")}
     assert len({r["style"] for r in rows if r["split"] == "test"}) >= 6
