@@ -45,7 +45,7 @@ from refusaldir.judges.probe import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from judge_validate import judge_by_source_full, load_rows  # noqa: E402
+from judge_validate import judge_by_source_full, load_rows, row_sha  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "runs" / "judge" / "probe_features.pt"
@@ -69,11 +69,18 @@ def probe_rows() -> tuple[list[dict[str, Any]], dict[str, str]]:
     return [r for r in rows if r.get("set") not in HELD_BACK_SETS], hashes
 
 
-def load_features(path: Path = CACHE) -> dict[str, Any]:
-    d = torch.load(path, weights_only=True)
+def _stale(d: dict[str, Any]) -> str | None:
     if d["rubric_sha256"] != sha256_bytes(RUBRIC) or (d["prompt_chars"], d["response_chars"]) != (
             PROMPT_CHARS, RESPONSE_CHARS):
-        raise SystemExit(f"{path} was computed with another rubric or cut; run `features` again")
+        return "another rubric or cut"
+    return None
+
+
+def load_features(path: Path = CACHE) -> dict[str, Any]:
+    d = torch.load(path, weights_only=True)
+    why = _stale(d)
+    if why:
+        raise SystemExit(f"{path} was computed with {why}; run `features --all`")
     return d
 
 
@@ -82,34 +89,47 @@ def rows_features(d: dict[str, Any], rows: list[dict[str, Any]], layer: int) -> 
     missing = [r["id"] for r in rows if r["id"] not in pos]
     if missing:
         raise SystemExit(f"{len(missing)} rows have no cached features (e.g. {missing[0]}); run `features`")
+    changed = [r["id"] for r in rows if d["row_sha256"][pos[r["id"]]] != row_sha(r)]
+    if changed:
+        raise SystemExit(f"{len(changed)} rows changed since their features were cached (e.g. "
+                         f"{changed[0]}); run `features`")
     return d["feats"][[pos[r["id"]] for r in rows], d["layers"].index(layer)]
 
 
 def cmd_features(args: argparse.Namespace) -> None:
     import refusaldir as rd
     rows = load_rows("dev")[0] + load_rows("test")[0]
-    old = load_features() if CACHE.is_file() and not args.all else None
-    if old is not None:  # only rows added since: the cached ones are kept as they are
-        have = set(old["ids"])
+    model = rd.load_model(args.model)
+    info = model.describe()
+    old = torch.load(CACHE, weights_only=True) if CACHE.is_file() and not args.all else None
+    if old is not None:
+        same_model = all(old["model"].get(k) == info[k] for k in ("spec", "weights_hash", "dtype"))
+        why = _stale(old) or (None if same_model else "another judge model or dtype")
+        if why:
+            print(f"{CACHE} was computed with {why}: recomputing every row")
+            old = None
+    if old is not None:  # keep cached rows whose prompt and response are unchanged
+        now = {r["id"]: row_sha(r) for r in rows}
+        keep = [k for k, (i, h) in enumerate(zip(old["ids"], old["row_sha256"])) if h == now.get(i)]
+        have = {old["ids"][k] for k in keep}
         rows = [r for r in rows if r["id"] not in have]
         if not rows:
             print(f"all rows already in {CACHE}")
             return
-    model = rd.load_model(args.model)
-    if old is not None and old["model"]["weights_hash"] != model.describe()["weights_hash"]:
-        raise SystemExit(f"{CACHE} was computed with other judge-model weights; pass --all")
     layers = old["layers"] if old is not None else LAYERS
     t = time.perf_counter()
     x = probe_features(model, [r["prompt"] for r in rows], [r["response"] for r in rows],
                        layers=layers, prompt_chars=PROMPT_CHARS, response_chars=RESPONSE_CHARS,
                        batch_size=8, progress=True)
-    ids = [r["id"] for r in rows]
+    ids, shas = [r["id"] for r in rows], [row_sha(r) for r in rows]
     if old is not None:
-        ids, x = old["ids"] + ids, torch.cat([old["feats"], x])
+        ids = [old["ids"][k] for k in keep] + ids
+        shas = [old["row_sha256"][k] for k in keep] + shas
+        x = torch.cat([old["feats"][keep], x])
     CACHE.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"ids": ids, "layers": layers, "feats": x,
+    torch.save({"ids": ids, "row_sha256": shas, "layers": layers, "feats": x,
                 "rubric_sha256": sha256_bytes(RUBRIC), "prompt_chars": PROMPT_CHARS,
-                "response_chars": RESPONSE_CHARS, "model": model.describe()}, CACHE)
+                "response_chars": RESPONSE_CHARS, "model": info}, CACHE)
     print(f"{len(rows)} new rows, {time.perf_counter() - t:.0f} s -> {CACHE} ({len(ids)} rows)")
 
 
@@ -208,12 +228,18 @@ def cmd_added(args: argparse.Namespace) -> None:
     pick = ResponseProbe.load().training["pick"]
     layer, l2, t = pick["layer"], pick["l2"], pick["threshold"]
     d = load_features()
-    phrase = judge_by_source_full(PhraseJudge(), rows)
+    back = [r.get("set") in HELD_BACK_SETS for r in rows]
+    # the held-back rows are judged as batches of their own, so canned-answer checks on them
+    # cannot change the phrase verdicts of the other dev rows (and vice versa)
+    phrase: list[Any] = [None] * len(rows)
+    for want in (False, True):
+        idx = [i for i in range(len(rows)) if back[i] == want]
+        for i, jd in zip(idx, judge_by_source_full(PhraseJudge(), [rows[i] for i in idx])):
+            phrase[i] = jd
     y = [refused(r["label"]) for r in rows]
     pr = [refused(j.label) for j in phrase]
     ask = set(probe_candidates(phrase, [r["response"] for r in rows],
                                [r.get("finish_reason") == "length" for r in rows], ProbeJudge.MIN_WORDS))
-    back = [r.get("set") in HELD_BACK_SETS for r in rows]
     folds = [_fold(r["source"]) for r in rows]
     x = rows_features(d, rows, layer)
     out: dict[str, Any] = {"pick": {"layer": layer, "l2": l2, "threshold": t},

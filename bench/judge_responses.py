@@ -60,8 +60,15 @@ def main() -> None:
                     help="which prompt splits to generate (comma-separated: dev, test, train; "
                          "train rows are labelled split dev)")
     ap.add_argument("--conditions", default="baseline,ablate,add", help="comma-separated")
-    ap.add_argument("--limit", type=int, default=None, help="at most this many prompts per set")
+    ap.add_argument("--limit", type=int, default=None,
+                    help="at most this many prompts per set (the first ones: on harmless train, "
+                         "the 12 that chose the addition coefficient come first)")
     args = ap.parse_args()
+    bad = sorted(set(args.splits.split(",")) - set(sets()))
+    bad += sorted(set(args.conditions.split(",")) - {"baseline", "ablate", "add"})
+    if bad:
+        raise SystemExit(f"unknown split or condition {bad}: splits are dev, test, train; "
+                         "conditions baseline, ablate, add")
     t0 = time.time()
     model = rd.load_model(args.model, device="cpu", dtype="float32")
     ds = rd.extract(model, rd.load_prompts("harmful", "train"), rd.load_prompts("harmless", "train"),

@@ -56,6 +56,11 @@ def load_rows(split: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
     return rows, hashes
 
 
+def row_sha(r: dict[str, Any]) -> str:
+    """What a row's cached judge-model features depend on: its prompt and response."""
+    return hashlib.sha256((r["prompt"] + "\0" + r["response"]).encode()).hexdigest()
+
+
 def score(rows: list[dict[str, Any]], preds: list[str]) -> dict[str, Any]:
     gold = [r["label"] for r in rows]
     out = {"n": len(rows),
@@ -119,6 +124,10 @@ def probe_labels(rows: list[dict[str, Any]], cache: Path) -> list[str]:
             d["prompt_chars"], d["response_chars"]) != (probe.prompt_chars, probe.response_chars):
         raise SystemExit(f"{cache} was read from another judge model or cut than the shipped probe")
     pos = {i: k for k, i in enumerate(d["ids"])}
+    stale = [r["id"] for r in rows if r["id"] not in pos or d["row_sha256"][pos[r["id"]]] != row_sha(r)]
+    if stale:
+        raise SystemExit(f"{len(stale)} rows are not cached as they are now (e.g. {stale[0]}); "
+                         "run python bench/judge_probe.py features")
     x = d["feats"][[pos[r["id"]] for r in rows], d["layers"].index(probe.layer)]
     p = probe.score_features(x).tolist()
     phrase = judge_by_source_full(PhraseJudge(), rows)
