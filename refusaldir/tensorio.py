@@ -97,10 +97,14 @@ def read_folder(folder: str | os.PathLike[str], *, tensors_file: str, meta_file:
         text, data = _snapshot(src, tensors_file, meta_file)
         meta = loads_strict(text.decode("utf-8"), mpath, fix)
     except (OSError, UnicodeDecodeError) as exc:
+        name = getattr(exc, "filename", None)  # relative to the folder when read through it
+        where = src / os.fsdecode(name) if isinstance(name, (str, bytes)) else src
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise ArtifactError(f"{src} could not be read ({why}); check its permissions, or {fix}") from exc
+        raise ArtifactError(f"{where} could not be read ({why}); check its permissions, or {fix}") from exc
     want = meta.get(SHA_KEY) if isinstance(meta, dict) else None
-    if (want is not None or require_sha) and sha256_bytes(data) != want:
+    if want is None and require_sha:
+        raise ArtifactError(f"{mpath} records no {SHA_KEY} for {tensors_file}; {fix}")
+    if want is not None and sha256_bytes(data) != want:
         raise ArtifactError(f"{tpath} does not match the sha256 recorded in {meta_file} (truncated or "
                             f"modified); {fix}")
     try:

@@ -47,7 +47,7 @@ def test_missing_file_and_missing_sha(tmp_path: Path) -> None:
     del meta[SHA_KEY]
     (tmp_path / "t.json").write_text(json.dumps(meta))
     read_folder(tmp_path, fix="save again", **FILES)  # older records without a sha still load
-    with pytest.raises(ArtifactError, match="sha256"):
+    with pytest.raises(ArtifactError, match="records no tensors_sha256 for t.safetensors; save again"):
         read_folder(tmp_path, fix="save again", require_sha=True, **FILES)
 
 
