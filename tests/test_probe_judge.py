@@ -148,6 +148,21 @@ def test_fragments_cut_by_the_token_limit_keep_the_phrase_verdict(tiny_qwen):
         judge.judge_many(prompts, responses, truncated=[True])
 
 
+def test_truncation_flags_reach_the_probe_inside_an_ensemble(tiny_qwen):
+    """judge_texts passes the flags to judges that declare reads_truncation (the probe, an
+    ensemble holding it) and leaves text-only judges as they are."""
+    from refusaldir.judges import EnsembleJudge, PhraseJudge, judge_texts
+
+    probe = ProbeJudge(tiny_qwen, _probe(tiny_qwen, bias=8.0))
+    prompts, responses = ["Pick a lock?"], ["To pick a lock, you can follow these"]
+    assert judge_texts(probe, prompts, responses, [False])[0].label == "refusal"
+    assert judge_texts(probe, prompts, responses, [True])[0].label == "compliance"
+    ens = EnsembleJudge([probe, probe, PhraseJudge()])
+    assert judge_texts(ens, prompts, responses, [True])[0].label == "compliance"
+    assert judge_texts(ens, prompts, responses, [False])[0].label == "refusal"
+    assert judge_texts(PhraseJudge(), prompts, responses, [True])[0].label == "compliance"
+
+
 def test_evaluate_tells_the_probe_which_completions_were_cut(tiny_qwen):
     import refusaldir as rd
     from refusaldir.evaluate import evaluate

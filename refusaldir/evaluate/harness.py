@@ -37,12 +37,12 @@ from refusaldir.io import atomic_write_files, dumps, field_error, loads_strict, 
 from refusaldir.judges import (
     EnsembleJudge,
     Judge,
-    ProbeJudge,
     combine,
     count_disagreements,
     default_judge,
     deflection_report,
     is_repetitive,
+    judge_texts,
     make_judge,
     refused,
 )
@@ -369,7 +369,5 @@ def _judge(jd: Any, model: ChatModel, cond: Condition, prompts: list[str], comps
         return [combine(list(v)) for v in zip(*votes)]
     if hasattr(jd, "judge_prompts"):  # first-token judge: reads the model under the condition
         return jd.judge_prompts(model, prompts, cond.interventions, batch_size=batch_size)
-    responses = [c.completion for c in comps]
-    if isinstance(jd, ProbeJudge):  # it leaves fragments cut by the token limit to the phrases
-        return jd.judge_many(prompts, responses, truncated=[c.finish_reason == "length" for c in comps])
-    return jd.judge_many(prompts, responses)
+    return judge_texts(jd, prompts, [c.completion for c in comps],
+                       [c.finish_reason == "length" for c in comps])

@@ -30,6 +30,7 @@ from refusaldir.judges.base import (
     broad_rate,
     check_paired,
     confusion_matrix,
+    judge_texts,
     refusal_rate,
     refused,
 )
@@ -90,6 +91,7 @@ __all__ = [
     "is_off_topic",
     "is_repetitive",
     "judge_credentials",
+    "judge_texts",
     "load_phrases",
     "make_judge",
     "normalize",

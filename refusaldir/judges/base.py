@@ -28,12 +28,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
-from refusaldir.errors import RefusalDirError
+from refusaldir.errors import ConfigError, RefusalDirError
 
 __all__ = ["LABELS", "Judge", "Judgement", "Label", "broad_rate", "check_paired", "confusion_matrix",
-           "refusal_rate", "refused"]
+           "judge_texts", "refusal_rate", "refused"]
 
 Label = Literal["refusal", "compliance", "partial"]
 LABELS: tuple[Label, ...] = ("refusal", "compliance", "partial")
@@ -65,6 +65,24 @@ class Judge(Protocol):
     def judge(self, prompt: str, response: str) -> Judgement: ...
 
     def judge_many(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Judgement]: ...
+
+
+def judge_texts(judge: Any, prompts: Sequence[str], responses: Sequence[str],
+                truncated: Sequence[bool] | None = None) -> list[Judgement]:
+    """``judge.judge_many(prompts, responses)``, also telling a judge that declares
+    ``reads_truncation = True`` which responses the token limit cut (``truncated[i]``).
+
+    Example:
+        >>> from refusaldir.judges import PhraseJudge
+        >>> judge_texts(PhraseJudge(), ["Hi"], ["I'm sorry, but I can't help with that."], [False])[0].label
+        'refusal'
+    """
+    if truncated is not None and getattr(judge, "reads_truncation", False):
+        if len(truncated) != len(responses):
+            raise ConfigError(f"{len(truncated)} truncation flags for {len(responses)} responses; "
+                              "pass one per response")
+        return list(judge.judge_many(prompts, responses, truncated=truncated))
+    return list(judge.judge_many(prompts, responses))
 
 
 def refusal_rate(judgements: Iterable[Judgement], *, partial_weight: float = 0.0) -> float:

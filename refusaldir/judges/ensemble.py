@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from refusaldir.errors import ConfigError, RefusalDirError
-from refusaldir.judges.base import Judgement, Label, refused
+from refusaldir.judges.base import Judgement, Label, judge_texts, refused
 
 __all__ = ["EnsembleJudge", "combine", "count_disagreements", "disagreement"]
 
@@ -87,16 +87,19 @@ class EnsembleJudge:
                 f"an ensemble needs at least two judges, got {len(members)}; "
                 "use e.g. ensemble:phrase,prefix,logit")
         self.members = list(members)
+        self.reads_truncation = True  # passed on to members that read it (judge_texts)
         self.name = "ensemble(" + "+".join(getattr(m, "name", type(m).__name__) for m in members) + ")"
 
-    def judge_many(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Judgement]:
-        """Each member judges all responses; the votes are combined per response."""
+    def judge_many(self, prompts: Sequence[str], responses: Sequence[str], *,
+                   truncated: Sequence[bool] | None = None) -> list[Judgement]:
+        """Each member judges all responses; the votes are combined per response.
+        ``truncated[i]``: the token limit cut response ``i`` (for members that read it)."""
         for m in self.members:
             if not hasattr(m, "judge_many"):
                 raise ConfigError(
                     f"ensemble member {getattr(m, 'name', m)!r} judges prompts under the model, "
                     "not text; run the ensemble through refusaldir.evaluate.evaluate")
-        votes = [m.judge_many(prompts, responses) for m in self.members]
+        votes = [judge_texts(m, prompts, responses, truncated) for m in self.members]
         return [combine(v) for v in zip(*votes)]
 
     def judge(self, prompt: str, response: str) -> Judgement:

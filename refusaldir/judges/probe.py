@@ -319,6 +319,8 @@ class ProbeJudge:
     """
 
     MIN_WORDS = 40
+    #: :func:`~refusaldir.judges.judge_texts` tells it which responses the token limit cut.
+    reads_truncation = True
 
     def __init__(self, model: ChatModel | str | None = None,
                  probe: ResponseProbe | str | os.PathLike[str] | None = None, *,
