@@ -163,6 +163,20 @@ def test_truncation_flags_reach_the_probe_inside_an_ensemble(tiny_qwen):
     assert judge_texts(PhraseJudge(), prompts, responses, [True])[0].label == "compliance"
 
 
+def test_addition_calibration_tells_the_probe_which_completions_were_cut(tiny_qwen):
+    """calibrate_addition judges 4-token fragments: with the truncation flags the probe
+    (which here calls everything a refusal) leaves them to the phrase judge, so no
+    coefficient reaches the target instead of the first one 'reaching' it."""
+    import refusaldir as rd
+    from refusaldir.evaluate import calibrate_addition
+
+    ds = rd.extract(tiny_qwen, PROMPTS[:3], PROMPTS[3:], progress=False)
+    judge = ProbeJudge(tiny_qwen, _probe(tiny_qwen, bias=8.0))
+    with pytest.raises(ConfigError, match=r"harmless prompts refused \(best 0% "):
+        calibrate_addition(tiny_qwen, ds.refusal_direction(1, -1), PROMPTS[:4], target_rate=0.5,
+                           max_new_tokens=4, batch_size=4, judge=judge, max_coeff=4.0)
+
+
 def test_evaluate_tells_the_probe_which_completions_were_cut(tiny_qwen):
     import refusaldir as rd
     from refusaldir.evaluate import evaluate

@@ -31,7 +31,7 @@ from refusaldir.data import check_prompts, load_prompts
 from refusaldir.directions import Direction, DirectionSet
 from refusaldir.errors import ArtifactError, ConfigError
 from refusaldir.generation import Completion, generate
-from refusaldir.judges import Judge, PhraseJudge
+from refusaldir.judges import Judge, PhraseJudge, judge_texts
 from refusaldir.models import ChatModel
 from refusaldir.stats import threshold_for_fpr
 from refusaldir.steer import (
@@ -131,8 +131,10 @@ class AdditionCalibration:
                 "addition": self.addition.to_dict()}
 
 
-def _is_refusal(judge: Judge, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]:
-    return [j.label == "refusal" for j in judge.judge_many(list(prompts), list(responses))]
+def _is_refusal(judge: Judge, prompts: Sequence[str], comps: Sequence[Completion]) -> list[bool]:
+    judged = judge_texts(judge, list(prompts), [c.completion for c in comps],
+                         [c.finish_reason == "length" for c in comps])
+    return [j.label == "refusal" for j in judged]
 
 
 def calibrate_addition(
@@ -197,7 +199,7 @@ def calibrate_addition(
             chunk = texts[s : s + bs]
             comps: list[Completion] = generate(model, chunk, [add_c], max_new_tokens=max_new_tokens,
                                                batch_size=batch_size, progress=False)
-            yes += sum(_is_refusal(judge, chunk, [x.completion for x in comps]))
+            yes += sum(_is_refusal(judge, chunk, comps))
             done += len(chunk)
             if yes >= need or (done - yes) > n - need:
                 break
