@@ -45,7 +45,7 @@ from refusaldir.judges.probe import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from judge_validate import judge_by_source_full, load_rows, row_sha  # noqa: E402
+from judge_validate import judge_by_source_full, load_rows, row_sha, rows_features  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "runs" / "judge" / "probe_features.pt"
@@ -82,18 +82,6 @@ def load_features(path: Path = CACHE) -> dict[str, Any]:
     if why:
         raise SystemExit(f"{path} was computed with {why}; run `features --all`")
     return d
-
-
-def rows_features(d: dict[str, Any], rows: list[dict[str, Any]], layer: int) -> torch.Tensor:
-    pos = {i: k for k, i in enumerate(d["ids"])}
-    missing = [r["id"] for r in rows if r["id"] not in pos]
-    if missing:
-        raise SystemExit(f"{len(missing)} rows have no cached features (e.g. {missing[0]}); run `features`")
-    changed = [r["id"] for r in rows if d["row_sha256"][pos[r["id"]]] != row_sha(r)]
-    if changed:
-        raise SystemExit(f"{len(changed)} rows changed since their features were cached (e.g. "
-                         f"{changed[0]}); run `features`")
-    return d["feats"][[pos[r["id"]] for r in rows], d["layers"].index(layer)]
 
 
 def cmd_features(args: argparse.Namespace) -> None:

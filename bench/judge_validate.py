@@ -61,6 +61,20 @@ def row_sha(r: dict[str, Any]) -> str:
     return hashlib.sha256((r["prompt"] + "\0" + r["response"]).encode()).hexdigest()
 
 
+def rows_features(d: dict[str, Any], rows: list[dict[str, Any]], layer: int) -> Any:
+    """The cached judge-model features of ``rows`` at ``layer`` (each row checked unchanged)."""
+    pos = {i: k for k, i in enumerate(d["ids"])}
+    missing = [r["id"] for r in rows if r["id"] not in pos]
+    if missing:
+        raise SystemExit(f"{len(missing)} rows have no cached features (e.g. {missing[0]}); "
+                         "run python bench/judge_probe.py features")
+    changed = [r["id"] for r in rows if d["row_sha256"][pos[r["id"]]] != row_sha(r)]
+    if changed:
+        raise SystemExit(f"{len(changed)} rows changed since their features were cached (e.g. "
+                         f"{changed[0]}); run python bench/judge_probe.py features")
+    return d["feats"][[pos[r["id"]] for r in rows], d["layers"].index(layer)]
+
+
 def score(rows: list[dict[str, Any]], preds: list[str]) -> dict[str, Any]:
     gold = [r["label"] for r in rows]
     out = {"n": len(rows),
@@ -123,12 +137,7 @@ def probe_labels(rows: list[dict[str, Any]], cache: Path) -> list[str]:
     if d["model"]["weights_hash"] != probe.judge_model.get("weights_hash") or (
             d["prompt_chars"], d["response_chars"]) != (probe.prompt_chars, probe.response_chars):
         raise SystemExit(f"{cache} was read from another judge model or cut than the shipped probe")
-    pos = {i: k for k, i in enumerate(d["ids"])}
-    stale = [r["id"] for r in rows if r["id"] not in pos or d["row_sha256"][pos[r["id"]]] != row_sha(r)]
-    if stale:
-        raise SystemExit(f"{len(stale)} rows are not cached as they are now (e.g. {stale[0]}); "
-                         "run python bench/judge_probe.py features")
-    x = d["feats"][[pos[r["id"]] for r in rows], d["layers"].index(probe.layer)]
+    x = rows_features(d, rows, probe.layer)
     p = probe.score_features(x).tolist()
     phrase = judge_by_source_full(PhraseJudge(), rows)
     ask = probe_candidates(phrase, [r["response"] for r in rows],

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from refusaldir.errors import ConfigError, RefusalDirError
+from refusaldir.errors import RefusalDirError
 
 __all__ = ["LABELS", "Judge", "Judgement", "Label", "broad_rate", "check_paired", "confusion_matrix",
            "judge_texts", "refusal_rate", "refused"]
@@ -78,9 +78,6 @@ def judge_texts(judge: Any, prompts: Sequence[str], responses: Sequence[str],
         'refusal'
     """
     if truncated is not None and getattr(judge, "reads_truncation", False):
-        if len(truncated) != len(responses):
-            raise ConfigError(f"{len(truncated)} truncation flags for {len(responses)} responses; "
-                              "pass one per response")
         return list(judge.judge_many(prompts, responses, truncated=truncated))
     return list(judge.judge_many(prompts, responses))
 

@@ -333,7 +333,7 @@ class ProbeJudge:
         if probe is None:
             self.name = "probe"
         elif isinstance(probe, ResponseProbe):
-            self.name = "probe:" + sha256_bytes(self.probe.weight.numpy().tobytes())[:12]
+            self.name = "probe:" + sha256_bytes(self.probe.weight.detach().float().cpu().numpy().tobytes())[:12]
         else:
             self.name = f"probe:{probe}"
         if self.min_words != self.MIN_WORDS:
