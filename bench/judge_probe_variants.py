@@ -6,9 +6,10 @@ reproduces that and writes bench/judge_probe_variants.json.
     python bench/judge_probe_variants.py stack    # + text features in a second-stage model (seconds)
     python bench/judge_probe_variants.py fewshot  # a rubric with five worked examples (~45 min on 2 cores)
 
-* `stack`: the probe's out-of-fold logit plus the deflection checks (off-topic, repetitive,
-  share of the prompt's content words in the response, length, cut by the token limit, ends in
-  a question) in a logistic second stage, its threshold chosen on inner folds.
+* `stack`: the probe's logit (out-of-fold on inner folds) plus the deflection checks
+  (off-topic, repetitive, share of the prompt's content words in the response, length, cut by
+  the token limit, ends in a question) in a logistic second stage, against the probe alone;
+  both choose their cut inside each outer fold.
 * `fewshot`: the judge model reads FEWSHOT (the rubric's options, five graded examples written
   for this experiment, then the pair) instead of RUBRIC; the probe is fitted on the rows the
   phrase judge calls compliance, and so is the shipped-rubric baseline it is compared with.
@@ -99,15 +100,17 @@ class Dev:
         return round(right / len(self.rows), 4)
 
 
-def oof(dev: Dev, x: torch.Tensor, idx: list[int], train_pool: list[int], l2: float) -> dict[int, float]:
-    """Out-of-fold p(refused) for rows ``idx`` (row indices; ``x`` indexed the same way),
-    training each fold on ``train_pool`` rows of the other folds."""
+def oof(dev: Dev, x: torch.Tensor, idx: list[int], train_pool: list[int], l2: float, *,
+        logit: bool = False) -> dict[int, float]:
+    """Out-of-fold p(refused) (or its logit) for rows ``idx`` (row indices; ``x`` indexed the
+    same way), training each fold on the ``train_pool`` rows of the other folds."""
     p: dict[int, float] = {}
     for f in sorted({dev.folds[i] for i in idx}):
         tr = [i for i in train_pool if dev.folds[i] != f]
         te = [i for i in idx if dev.folds[i] == f]
         probe = ResponseProbe.fit_features(x[tr], [dev.y[i] for i in tr], layer=0, l2=l2)
-        p.update(zip(te, probe.score_features(x[te]).tolist()))
+        z = ((x[te] - probe.loc) / probe.scale) @ probe.weight + probe.bias
+        p.update(zip(te, (z if logit else torch.sigmoid(z)).tolist()))
     return p
 
 
@@ -119,51 +122,57 @@ def text_features(r: dict[str, Any]) -> list[float]:
             float(r.get("finish_reason") == "length"), float(s.strip().endswith("?"))]
 
 
+def best_cut(p: list[float], y: list[bool]) -> float:
+    return max(THRESHOLDS, key=lambda c: (sum((v > c) == g for v, g in zip(p, y)), c))
+
+
 def cmd_stack(dev: Dev, pick: dict[str, Any]) -> dict[str, Any]:
-    layer, l2, t = pick["layer"], pick["l2"], pick["threshold"]
+    """Probe alone vs probe + text features, both with the cut (and the second stage) chosen
+    inside each outer fold. Layer and L2 stay at the shipped pick (chosen on all of dev), so
+    both rows share that small optimism; the fully nested probe is bench/judge_probe_nested.json."""
+    layer, l2 = pick["layer"], pick["l2"]
     x = rows_features(load_features(), dev.rows, layer)
     every = list(range(len(dev.rows)))
+    asked = set(dev.ask)
     tf = torch.tensor([text_features(r) for r in dev.rows])
-    base = oof(dev, x, every, every, l2)
-    out: dict[str, Any] = {"shipped_pick": dev.accuracy({i: base[i] > t for i in dev.ask})}
-    for name, cols in (("probe_logit_only", [0]), ("probe_logit_and_text", list(range(7)))):
-        verdict: dict[int, bool] = {}
-        for outer in range(FOLDS):
-            train = [i for i in every if dev.folds[i] != outer]
-            test = [i for i in every if dev.folds[i] == outer]
-            logit = torch.zeros(len(dev.rows))
-            inner = oof(dev, x, train, train, l2)
-            outer_p = oof(dev, x, test, every, l2)  # trained on all of `train`
-            for i, v in {**inner, **outer_p}.items():
-                v = min(max(v, 1e-6), 1 - 1e-6)
-                logit[i] = math.log(v / (1 - v))
-            z = torch.cat([logit[:, None], tf], 1)[:, cols]
-            tra = [i for i in train if i in set(dev.ask)]
-            w, b, loc, scale = fit_logistic(z[tra], torch.tensor([float(dev.y[i]) for i in tra]), 1e-2)
-
-            def prob(idx: list[int], z: torch.Tensor = z, w: Any = w, b: float = b,
-                     loc: Any = loc, scale: Any = scale) -> list[float]:
-                return torch.sigmoid(((z[idx] - loc) / scale) @ w + b).tolist()
-
-            ptr = prob(tra)
-            cut = max((0.3, 0.5, 0.7, 0.9),
-                      key=lambda c: sum((v > c) == dev.y[i] for v, i in zip(ptr, tra)))
-            tea = [i for i in test if i in set(dev.ask)]
-            verdict.update((i, v > cut) for v, i in zip(prob(tea), tea))
-        out[name] = dev.accuracy(verdict)
+    verdicts: dict[str, dict[int, bool]] = {"probe_alone": {}, "probe_and_text": {}}
+    for outer in range(FOLDS):
+        train = [i for i in every if dev.folds[i] != outer]
+        tra = [i for i in train if i in asked]
+        tea = [i for i in every if dev.folds[i] == outer and i in asked]
+        logit = torch.zeros(len(dev.rows))
+        for i, v in {**oof(dev, x, train, train, l2, logit=True),  # inner folds of `train`
+                     **oof(dev, x, tea, every, l2, logit=True)}.items():  # trained on all of `train`
+            logit[i] = v
+        ytr = [dev.y[i] for i in tra]
+        cut = best_cut(torch.sigmoid(logit[tra]).tolist(), ytr)
+        verdicts["probe_alone"].update((i, v > cut) for i, v in zip(tea, torch.sigmoid(logit[tea]).tolist()))
+        z = torch.cat([logit[:, None], tf], 1)
+        w, b, loc, scale = fit_logistic(z[tra], torch.tensor([float(v) for v in ytr]), 1e-2)
+        stage2 = torch.sigmoid(((z - loc) / scale) @ w + b)
+        cut = best_cut(stage2[tra].tolist(), ytr)  # in-sample on the outer-train rows
+        verdicts["probe_and_text"].update((i, v > cut) for i, v in zip(tea, stage2[tea].tolist()))
+    out: dict[str, Any] = {k: dev.accuracy(v) for k, v in verdicts.items()}
+    out["phrase_alone"] = round((dev.fixed_right + sum(dev.pr[i] == dev.y[i] for i in dev.ask))
+                                / len(dev.rows), 4)
+    out["pick"] = {"layer": layer, "l2": l2}
     return out
 
 
 def fewshot_features(dev: Dev) -> torch.Tensor:
     rows = [dev.rows[i] for i in dev.ask]
+    want_model = load_features()["model"]["weights_hash"]  # the model of the shipped-rubric features
     key = {"prompt_sha256": sha256_bytes(FEWSHOT), "row_sha256": [row_sha(r) for r in rows],
-           "layers": FEWSHOT_LAYERS}
+           "layers": FEWSHOT_LAYERS, "chars": [PROMPT_CHARS, RESPONSE_CHARS], "weights_hash": want_model}
     if FEWSHOT_CACHE.is_file():
         d = torch.load(FEWSHOT_CACHE, weights_only=True)
         if all(d.get(k) == v for k, v in key.items()):
             return d["feats"]
     import refusaldir as rd
     model = rd.load_model("demo")
+    if model.weights_hash != want_model:
+        raise SystemExit(f"demo loads weights {model.weights_hash}, the cached shipped-rubric "
+                         f"features read {want_model}; run bench/judge_probe.py features --all")
     texts = [FEWSHOT.format(prompt=r["prompt"].strip()[:PROMPT_CHARS],
                             response=r["response"].strip()[:RESPONSE_CHARS]) for r in rows]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
