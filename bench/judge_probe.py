@@ -9,6 +9,13 @@ to refusaldir/judges/data/probe/. The test split is never read here.
     python bench/judge_probe.py nested     # nested CV: the whole choice redone inside each fold (~15 min)
     python bench/judge_probe.py added      # do the held-back dev rows help? (dev only; writes a json)
 
+Another judge model (the route to a stronger probe judge: `--judge probe:DIR`):
+
+    python bench/judge_probe.py --cache runs/judge/big.pt features --model PATH
+    python bench/judge_probe.py --cache runs/judge/big.pt nested
+    python bench/judge_probe.py --cache runs/judge/big.pt train --out runs/judge/big_probe
+    python bench/judge_validate.py --probe runs/judge/big_probe --probe-features runs/judge/big.pt
+
 `cv` reports the best of the grid on the folds it was picked on, an optimistic number;
 `nested` repeats the choice inside each outer fold and scores the held-out sources only, the
 estimate to expect on text from a new model or style. It writes bench/judge_probe_nested.json,
@@ -56,11 +63,20 @@ ADDED = ROOT / "bench" / "judge_probe_added.json"
 #: (dev only) that training on them does not help on the other dev rows, and that the probe
 #: stays weak on them either way; they stay in dev as a measurement of that hard case.
 HELD_BACK_SETS = ("harmful-train", "harmless-train")
-LAYERS = list(range(4, 19))
 L2 = (1e-3, 1e-2, 1e-1)
 THRESHOLDS = (0.5, 0.7, 0.9)
 FOLDS = 5
 PROMPT_CHARS, RESPONSE_CHARS = 600, 800
+
+
+def default_layers(n_layers: int) -> list[int]:
+    """Layers the grid searches: from a sixth to three quarters of the depth (4-18 for demo)."""
+    return list(range(n_layers // 6, 3 * n_layers // 4 + 1))
+
+
+def grid_layers(d: dict[str, Any]) -> list[int]:
+    """The cached layers the grid searches (a cache may hold more)."""
+    return [layer for layer in default_layers(d["model"]["n_layers"]) if layer in d["layers"]]
 
 
 def probe_rows() -> tuple[list[dict[str, Any]], dict[str, str]]:
@@ -76,7 +92,11 @@ def _stale(d: dict[str, Any]) -> str | None:
     return None
 
 
-def load_features(path: Path = CACHE) -> dict[str, Any]:
+def load_features(path: Path | None = None) -> dict[str, Any]:
+    path = path or CACHE
+    if not path.is_file():
+        raise SystemExit(f"no feature cache at {path}; run python bench/judge_probe.py "
+                         f"--cache {path} features --model ...")
     d = torch.load(path, weights_only=True)
     why = _stale(d)
     if why:
@@ -86,15 +106,16 @@ def load_features(path: Path = CACHE) -> dict[str, Any]:
 
 def cmd_features(args: argparse.Namespace) -> None:
     import refusaldir as rd
+    cache = args.cache
     rows = load_rows("dev")[0] + load_rows("test")[0]
     model = rd.load_model(args.model)
     info = model.describe()
-    old = torch.load(CACHE, weights_only=True) if CACHE.is_file() and not args.all else None
+    old = torch.load(cache, weights_only=True) if cache.is_file() and not args.all else None
     if old is not None:
         same_model = all(old["model"].get(k) == info[k] for k in ("spec", "weights_hash", "dtype"))
         why = _stale(old) or (None if same_model else "another judge model or dtype")
         if why:
-            print(f"{CACHE} was computed with {why}: recomputing every row")
+            print(f"{cache} was computed with {why}: recomputing every row")
             old = None
     if old is not None:  # keep cached rows whose prompt and response are unchanged
         now = {r["id"]: row_sha(r) for r in rows}
@@ -102,9 +123,9 @@ def cmd_features(args: argparse.Namespace) -> None:
         have = {old["ids"][k] for k in keep}
         rows = [r for r in rows if r["id"] not in have]
         if not rows:
-            print(f"all rows already in {CACHE}")
+            print(f"all rows already in {cache}")
             return
-    layers = old["layers"] if old is not None else LAYERS
+    layers = old["layers"] if old is not None else default_layers(model.n_layers)
     t = time.perf_counter()
     x = probe_features(model, [r["prompt"] for r in rows], [r["response"] for r in rows],
                        layers=layers, prompt_chars=PROMPT_CHARS, response_chars=RESPONSE_CHARS,
@@ -114,11 +135,11 @@ def cmd_features(args: argparse.Namespace) -> None:
         ids = [old["ids"][k] for k in keep] + ids
         shas = [old["row_sha256"][k] for k in keep] + shas
         x = torch.cat([old["feats"][keep], x])
-    CACHE.parent.mkdir(parents=True, exist_ok=True)
+    cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"ids": ids, "row_sha256": shas, "layers": layers, "feats": x,
                 "rubric_sha256": sha256_bytes(RUBRIC), "prompt_chars": PROMPT_CHARS,
-                "response_chars": RESPONSE_CHARS, "model": info}, CACHE)
-    print(f"{len(rows)} new rows, {time.perf_counter() - t:.0f} s -> {CACHE} ({len(ids)} rows)")
+                "response_chars": RESPONSE_CHARS, "model": info}, cache)
+    print(f"{len(rows)} new rows, {time.perf_counter() - t:.0f} s -> {cache} ({len(ids)} rows)")
 
 
 def _fold(source: str) -> int:
@@ -135,7 +156,7 @@ def cv_table(d: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, An
     folds = [_fold(r["source"]) for r in rows]
     ask = set(probe_candidates(phrase, [r["response"] for r in rows],
                                [r.get("finish_reason") == "length" for r in rows], ProbeJudge.MIN_WORDS))
-    for layer in [layer for layer in LAYERS if layer in d["layers"]]:
+    for layer in grid_layers(d):
         x = rows_features(d, rows, layer)
         for l2 in L2:
             p: dict[int, float] = {}
@@ -163,14 +184,15 @@ def best(table: list[dict[str, Any]]) -> dict[str, Any]:
 
 def cmd_nested(args: argparse.Namespace) -> None:
     rows = probe_rows()[0]
-    d = load_features()
+    d = load_features(args.cache)
+    layers = grid_layers(d)
     phrase = judge_by_source_full(PhraseJudge(), rows)
     y = [refused(r["label"]) for r in rows]
     pr = [refused(j.label) for j in phrase]
     ask = set(probe_candidates(phrase, [r["response"] for r in rows],
                                [r.get("finish_reason") == "length" for r in rows], ProbeJudge.MIN_WORDS))
     folds = [_fold(r["source"]) for r in rows]
-    x = {layer: rows_features(d, rows, layer) for layer in LAYERS}
+    x = {layer: rows_features(d, rows, layer) for layer in layers}
 
     def correct(idx: list[int], p: dict[int, float], t: float) -> int:
         return sum((pr[i] or (i in p and p[i] > t)) == y[i] for i in idx)
@@ -185,7 +207,7 @@ def cmd_nested(args: argparse.Namespace) -> None:
         train = [i for i in range(len(rows)) if folds[i] != outer]
         test = [i for i in range(len(rows)) if folds[i] == outer]
         best: tuple[Any, ...] | None = None
-        for layer in LAYERS:
+        for layer in layers:
             for l2 in L2:
                 p: dict[int, float] = {}
                 for f in sorted({folds[i] for i in train}):
@@ -202,10 +224,10 @@ def cmd_nested(args: argparse.Namespace) -> None:
         picks.append({"outer": outer, "n": len(test), "layer": layer, "l2": l2, "threshold": t})
         print(picks[-1], flush=True)
     out = {"probe": round(right / len(rows), 4), "phrase": round(right_phrase / len(rows), 4),
-           "n": len(rows), "folds": FOLDS, "picks": picks,
+           "n": len(rows), "folds": FOLDS, "picks": picks, "judge_model": d["model"].get("spec"),
            "note": "dev split; each outer fold holds out whole sources and the layer/L2/threshold "
                    "choice is redone on the other folds: the accuracy to expect on new sources"}
-    NESTED.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    report_path(args, NESTED).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(out))
 
 
@@ -215,7 +237,7 @@ def cmd_added(args: argparse.Namespace) -> None:
     rows = load_rows("dev")[0]
     pick = ResponseProbe.load().training["pick"]
     layer, l2, t = pick["layer"], pick["l2"], pick["threshold"]
-    d = load_features()
+    d = load_features(args.cache)
     back = [r.get("set") in HELD_BACK_SETS for r in rows]
     # the held-back rows are judged as batches of their own, so canned-answer checks on them
     # cannot change the phrase verdicts of the other dev rows (and vice versa)
@@ -249,19 +271,22 @@ def cmd_added(args: argparse.Namespace) -> None:
     out["phrase_on_held_back"] = round(sum(pr[i] == y[i] for i in idx) / len(idx), 4)
     out["note"] = ("dev split, 5 folds holding out whole sources; the held-back rows do not raise "
                    "the probe's accuracy on the other dev rows, so the probe is trained without them")
-    ADDED.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    report_path(args, ADDED).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(out))
 
 
 def cmd_cv(args: argparse.Namespace) -> None:
     rows = probe_rows()[0]
-    table = cv_table(load_features(), rows)
+    table = cv_table(load_features(args.cache), rows)
     print("best:", best(table))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    if args.cache != CACHE and Path(args.out).resolve() == DEFAULT_PROBE:
+        raise SystemExit(f"--cache {args.cache} is not the shipped probe's feature cache; pass "
+                         "--out DIR for this probe (the shipped one stays as it is)")
     rows, hashes = probe_rows()
-    d = load_features()
+    d = load_features(args.cache)
     table = cv_table(d, rows)
     pick = best(table)
     x = rows_features(d, rows, pick["layer"])
@@ -284,8 +309,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(json.dumps(pick))
 
 
+def report_path(args: argparse.Namespace, shipped: Path) -> Path:
+    """Where a report goes: the shipped bench file for the shipped cache, else beside the cache."""
+    if args.cache == CACHE:
+        return Path(shipped)
+    return Path(args.cache).with_name(f"{Path(args.cache).stem}_{Path(shipped).stem.split('_')[-1]}.json")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", type=Path, default=CACHE,
+                    help="judge-model feature cache (default: the shipped probe's, demo)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("features")
     f.add_argument("--model", default="demo")
@@ -296,6 +330,7 @@ def main() -> None:
     t = sub.add_parser("train")
     t.add_argument("--out", default=str(DEFAULT_PROBE))
     args = ap.parse_args()
+    args.cache = args.cache.resolve()
     {"features": cmd_features, "cv": cmd_cv, "nested": cmd_nested, "train": cmd_train,
      "added": cmd_added}[args.cmd](args)
 

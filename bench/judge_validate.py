@@ -127,16 +127,17 @@ def markdown(name: str, r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def probe_labels(rows: list[dict[str, Any]], cache: Path) -> list[str]:
-    """The shipped probe judge's labels, with the judge model's features read from ``cache``
-    (the phrase judge runs per source as usual; the probe decides what it calls compliance)."""
+def probe_labels(rows: list[dict[str, Any]], cache: Path, folder: Path = DEFAULT_PROBE) -> list[str]:
+    """The probe judge's labels (the probe in ``folder``), with the judge model's features read
+    from ``cache`` (the phrase judge runs per source as usual; the probe decides what it calls
+    compliance)."""
     import torch
 
     d = torch.load(cache, weights_only=True)
-    probe = ResponseProbe.load()
+    probe = ResponseProbe.load(folder)
     if d["model"]["weights_hash"] != probe.judge_model.get("weights_hash") or (
             d["prompt_chars"], d["response_chars"]) != (probe.prompt_chars, probe.response_chars):
-        raise SystemExit(f"{cache} was read from another judge model or cut than the shipped probe")
+        raise SystemExit(f"{cache} was read from another judge model or cut than the probe in {folder}")
     x = rows_features(d, rows, probe.layer)
     p = probe.score_features(x).tolist()
     phrase = judge_by_source_full(PhraseJudge(), rows)
@@ -153,10 +154,14 @@ def main() -> None:
                     help="self-judge every k-th of the model's own responses (CPU time)")
     ap.add_argument("--probe-features", type=Path,
                     help="score the shipped probe judge from this feature cache (bench/judge_probe.py features)")
+    ap.add_argument("--probe", type=Path, default=DEFAULT_PROBE,
+                    help="the probe to score with --probe-features (default: the shipped one)")
     ap.add_argument("--write", action="store_true", help="write judges/data/credentials.json (test split only)")
     ap.add_argument("--md", type=Path, help="also write the Markdown report here")
     args = ap.parse_args()
     rows, hashes = load_rows(args.split)
+    if args.write and args.probe.resolve() != DEFAULT_PROBE:
+        raise SystemExit("--write records the shipped judges' credentials; drop --probe or --write")
     results: dict[str, Any] = {}
     md = []
     for judge in (PhraseJudge(), PrefixJudge(), EnsembleJudge([PhraseJudge(), PrefixJudge()])):
@@ -166,13 +171,15 @@ def main() -> None:
         md.append(markdown(judge.name, results[judge.name]))
     if args.probe_features:
         t = time.perf_counter()
-        results["probe"] = report(rows, probe_labels(rows, args.probe_features))
+        results["probe"] = report(rows, probe_labels(rows, args.probe_features, args.probe))
         results["probe"]["seconds"] = round(time.perf_counter() - t, 2)
         results["probe"]["measured_on"] = "features cached by bench/judge_probe.py features"
         results["probe"]["probe_tensors_sha256"] = json.loads(
-            (DEFAULT_PROBE / "probe.json").read_text())["tensors_sha256"]
-        pick = ResponseProbe.load().training.get("pick", {})
-        nested_file = Path(__file__).resolve().parent / "judge_probe_nested.json"
+            (args.probe / "probe.json").read_text())["tensors_sha256"]
+        pick = ResponseProbe.load(args.probe).training.get("pick", {})
+        nested_file = (Path(__file__).resolve().parent / "judge_probe_nested.json"
+                       if args.probe.resolve() == DEFAULT_PROBE else  # judge_probe.py --cache puts it there
+                       args.probe_features.with_name(f"{args.probe_features.stem}_nested.json"))
         nested = json.loads(nested_file.read_text()) if nested_file.is_file() else {}
         results["probe"]["dev_cv_sources_held_out"] = {
             "probe": nested.get("probe"), "phrase": nested.get("phrase"),
