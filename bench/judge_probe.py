@@ -110,6 +110,10 @@ def cmd_features(args: argparse.Namespace) -> None:
     rows = load_rows("dev")[0] + load_rows("test")[0]
     model = rd.load_model(args.model)
     info = model.describe()
+    shipped_model = ResponseProbe.load().judge_model.get("weights_hash")
+    if cache == CACHE and model.weights_hash != shipped_model:
+        raise SystemExit(f"{args.model} is not the shipped probe's judge model; pass --cache FILE "
+                         f"so {CACHE} (the shipped probe's features) stays as it is")
     old = torch.load(cache, weights_only=True) if cache.is_file() and not args.all else None
     if old is not None:
         same_model = all(old["model"].get(k) == info[k] for k in ("spec", "weights_hash", "dtype"))
@@ -227,7 +231,7 @@ def cmd_nested(args: argparse.Namespace) -> None:
            "n": len(rows), "folds": FOLDS, "picks": picks, "judge_model": d["model"].get("spec"),
            "note": "dev split; each outer fold holds out whole sources and the layer/L2/threshold "
                    "choice is redone on the other folds: the accuracy to expect on new sources"}
-    report_path(args, NESTED).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    report_path(args, NESTED, "nested").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(out))
 
 
@@ -271,7 +275,7 @@ def cmd_added(args: argparse.Namespace) -> None:
     out["phrase_on_held_back"] = round(sum(pr[i] == y[i] for i in idx) / len(idx), 4)
     out["note"] = ("dev split, 5 folds holding out whole sources; the held-back rows do not raise "
                    "the probe's accuracy on the other dev rows, so the probe is trained without them")
-    report_path(args, ADDED).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    report_path(args, ADDED, "added").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(out))
 
 
@@ -309,11 +313,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(json.dumps(pick))
 
 
-def report_path(args: argparse.Namespace, shipped: Path) -> Path:
-    """Where a report goes: the shipped bench file for the shipped cache, else beside the cache."""
-    if args.cache == CACHE:
-        return Path(shipped)
-    return Path(args.cache).with_name(f"{Path(args.cache).stem}_{Path(shipped).stem.split('_')[-1]}.json")
+def report_path(args: argparse.Namespace, shipped: Path, kind: str) -> Path:
+    """Where a report goes: the shipped bench file for the shipped cache, else beside the cache
+    (judge_validate.py --probe looks for ``<cache>_nested.json`` there)."""
+    return shipped if args.cache == CACHE else args.cache.with_name(f"{args.cache.stem}_{kind}.json")
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ from refusaldir.io import sha256_bytes
 from refusaldir.judges import PhraseJudge, refused
 from refusaldir.judges.deflection import _stems as content_stems
 from refusaldir.judges.deflection import is_off_topic, is_repetitive
-from refusaldir.judges.probe import ProbeJudge, ResponseProbe, fit_logistic, probe_candidates
+from refusaldir.judges.probe import ProbeJudge, ResponseProbe, probe_candidates
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from judge_probe import FOLDS, PROMPT_CHARS, RESPONSE_CHARS, _fold, load_features, probe_rows  # noqa: E402
@@ -109,8 +109,7 @@ def oof(dev: Dev, x: torch.Tensor, idx: list[int], train_pool: list[int], l2: fl
         tr = [i for i in train_pool if dev.folds[i] != f]
         te = [i for i in idx if dev.folds[i] == f]
         probe = ResponseProbe.fit_features(x[tr], [dev.y[i] for i in tr], layer=0, l2=l2)
-        z = ((x[te] - probe.loc) / probe.scale) @ probe.weight + probe.bias
-        p.update(zip(te, (z if logit else torch.sigmoid(z)).tolist()))
+        p.update(zip(te, (probe.logit_features if logit else probe.score_features)(x[te]).tolist()))
     return p
 
 
@@ -148,8 +147,7 @@ def cmd_stack(dev: Dev, pick: dict[str, Any]) -> dict[str, Any]:
         cut = best_cut(torch.sigmoid(logit[tra]).tolist(), ytr)
         verdicts["probe_alone"].update((i, v > cut) for i, v in zip(tea, torch.sigmoid(logit[tea]).tolist()))
         z = torch.cat([logit[:, None], tf], 1)
-        w, b, loc, scale = fit_logistic(z[tra], torch.tensor([float(v) for v in ytr]), 1e-2)
-        stage2 = torch.sigmoid(((z - loc) / scale) @ w + b)
+        stage2 = ResponseProbe.fit_features(z[tra], ytr, layer=0, l2=1e-2).score_features(z)
         cut = best_cut(stage2[tra].tolist(), ytr)  # in-sample on the outer-train rows
         verdicts["probe_and_text"].update((i, v > cut) for i, v in zip(tea, stage2[tea].tolist()))
     out: dict[str, Any] = {k: dev.accuracy(v) for k, v in verdicts.items()}
@@ -197,26 +195,27 @@ def cmd_fewshot(dev: Dev, pick: dict[str, Any]) -> dict[str, Any]:
             x[layer][dev.ask] = (rows_features(shipped, [dev.rows[i] for i in dev.ask], layer)
                                  if name == "shipped_rubric" else fs[:, k])
 
-        def table(idx: list[int], x: dict[int, torch.Tensor] = x) -> dict[tuple[int, float, float], float]:
-            res = {}
+        def table(idx: list[int], x: dict[int, torch.Tensor] = x,
+                  ) -> tuple[dict[tuple[int, float, float], float], dict[tuple[int, float], dict[int, float]]]:
+            res, probs = {}, {}
             for layer in FEWSHOT_LAYERS:
                 for l2 in L2S:
-                    p = oof(dev, x[layer], idx, idx, l2)
+                    p = probs[(layer, l2)] = oof(dev, x[layer], idx, idx, l2)
                     for t in THRESHOLDS:
                         res[(layer, l2, t)] = sum((p[i] > t) == dev.y[i] for i in idx) / len(idx)
-            return res
+            return res, probs
 
-        grid = table(dev.ask)
+        grid, grid_p = table(dev.ask)
         top = max(grid, key=lambda k: (grid[k], k[1], k[2], -k[0]))
         verdict: dict[int, bool] = {}
         for outer in range(FOLDS):
             train = [i for i in dev.ask if dev.folds[i] != outer]
             test = [i for i in dev.ask if dev.folds[i] == outer]
-            inner = table(train)
+            inner = table(train)[0]
             layer, l2, t = max(inner, key=lambda k: (inner[k], k[1], k[2], -k[0]))
             p = oof(dev, x[layer], test, dev.ask, l2)
             verdict.update((i, p[i] > t) for i in test)
-        best_p = oof(dev, x[top[0]], dev.ask, dev.ask, top[1])
+        best_p = grid_p[top[:2]]
         out[name] = {"best_of_grid": {"layer": top[0], "l2": top[1], "threshold": top[2],
                                       "accuracy": dev.accuracy({i: best_p[i] > top[2] for i in dev.ask})},
                      "nested": dev.accuracy(verdict)}

@@ -161,6 +161,10 @@ def test_truncation_flags_reach_the_probe_inside_an_ensemble(tiny_qwen):
     assert judge_texts(ens, prompts, responses, [True])[0].label == "compliance"
     assert judge_texts(ens, prompts, responses, [False])[0].label == "refusal"
     assert judge_texts(PhraseJudge(), prompts, responses, [True])[0].label == "compliance"
+    # a wrong number of flags is a mistake whichever judge reads them
+    for judge in (PhraseJudge(), EnsembleJudge([PhraseJudge(), PhraseJudge()]), probe):
+        with pytest.raises(ConfigError, match="one per response"):
+            judge_texts(judge, prompts, responses, [True, False])
 
 
 def test_addition_calibration_tells_the_probe_which_completions_were_cut(tiny_qwen):

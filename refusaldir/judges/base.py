@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from refusaldir.errors import RefusalDirError
+from refusaldir.errors import ConfigError, RefusalDirError
 
 __all__ = ["LABELS", "Judge", "Judgement", "Label", "broad_rate", "check_paired", "confusion_matrix",
            "judge_texts", "refusal_rate", "refused"]
@@ -77,6 +77,9 @@ def judge_texts(judge: Any, prompts: Sequence[str], responses: Sequence[str],
         >>> judge_texts(PhraseJudge(), ["Hi"], ["I'm sorry, but I can't help with that."], [False])[0].label
         'refusal'
     """
+    if truncated is not None and len(truncated) != len(responses):  # a text-only judge would drop them unseen
+        raise ConfigError(f"{len(truncated)} truncation flags for {len(responses)} responses; "
+                          "pass one per response (True where the token limit cut it) or None")
     if truncated is not None and getattr(judge, "reads_truncation", False):
         return list(judge.judge_many(prompts, responses, truncated=truncated))
     return list(judge.judge_many(prompts, responses))

@@ -162,10 +162,14 @@ class ResponseProbe:
                 f"{model.d_model}, weights {model.weights_hash}) is a different model; load "
                 f"the judge model the probe names, or train a probe for this one with ResponseProbe.fit")
 
+    def logit_features(self, x: Float[Tensor, "batch d_model"]) -> Float[Tensor, " batch"]:
+        """The log-odds of ``refused`` from features already read at ``layer``."""
+        x = x.to(self.weight.device, torch.float32)
+        return ((x - self.loc) / self.scale) @ self.weight + self.bias
+
     def score_features(self, x: Float[Tensor, "batch d_model"]) -> Float[Tensor, " batch"]:
         """``p(refused)`` from features already read at ``layer``."""
-        x = x.to(self.weight.device, torch.float32)
-        return torch.sigmoid(((x - self.loc) / self.scale) @ self.weight + self.bias)
+        return torch.sigmoid(self.logit_features(x))
 
     def predict_proba(self, model: ChatModel, prompts: Sequence[str], responses: Sequence[str], *,
                       batch_size: BatchSize = 8, progress: bool = False) -> Float[Tensor, " batch"]:
