@@ -9,6 +9,13 @@ to refusaldir/judges/data/probe/. The test split is never read here.
     python bench/judge_probe.py nested     # nested CV: the whole choice redone inside each fold (~15 min)
     python bench/judge_probe.py added      # do the held-back dev rows help? (dev only; writes a json)
 
+The larger shipped judge model (`--judge probe:coder-1.5b`, Qwen2.5-Coder-1.5B-Instruct in
+bfloat16; features of all 2,825 rows in 72 min on 2 cores), the same steps with `--probe coder-1.5b`:
+
+    python bench/judge_probe.py --probe coder-1.5b features
+    python bench/judge_probe.py --probe coder-1.5b nested
+    python bench/judge_probe.py --probe coder-1.5b train
+
 Another judge model (the route to a stronger probe judge: `--judge probe:DIR`):
 
     python bench/judge_probe.py --cache runs/judge/big.pt features --model PATH
@@ -34,6 +41,7 @@ import json
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +51,7 @@ from refusaldir.io import sha256_bytes
 from refusaldir.judges import PhraseJudge, refused
 from refusaldir.judges.model import RUBRIC
 from refusaldir.judges.probe import (
-    DEFAULT_PROBE,
+    SHIPPED_PROBES,
     ProbeJudge,
     ResponseProbe,
     merge_probe,
@@ -56,8 +64,26 @@ from judge_validate import judge_by_source_full, load_rows, row_sha, rows_featur
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "runs" / "judge" / "probe_features.pt"
-NESTED = ROOT / "bench" / "judge_probe_nested.json"
-ADDED = ROOT / "bench" / "judge_probe_added.json"
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """A shipped probe: the judge model it reads, its feature cache and its dev reports."""
+
+    model: str
+    dtype: str | None
+    cache: Path
+    nested: Path
+    added: Path
+
+
+SHIPPED = {
+    "demo": Shipped("demo", None, CACHE, ROOT / "bench" / "judge_probe_nested.json",
+                    ROOT / "bench" / "judge_probe_added.json"),
+    "coder-1.5b": Shipped("coder-1.5b", "bfloat16", CACHE.with_name("probe_features_coder-1.5b.pt"),
+                          ROOT / "bench" / "judge_probe_coder-1.5b_nested.json",
+                          ROOT / "bench" / "judge_probe_coder-1.5b_added.json"),
+}
 #: Dev rows held out of probe training: 300 answers of the edited models to the *train*
 #: prompts, labelled later to teach the probe the ablated models' deflections. `added` shows
 #: (dev only) that training on them does not help on the other dev rows, and that the probe
@@ -108,12 +134,14 @@ def cmd_features(args: argparse.Namespace) -> None:
     import refusaldir as rd
     cache = args.cache
     rows = load_rows("dev")[0] + load_rows("test")[0]
-    model = rd.load_model(args.model)
+    shipped = next((v for v in SHIPPED.values() if v.cache == cache), None)
+    spec = args.model or (shipped.model if shipped else "demo")
+    dtype = args.dtype or (shipped.dtype if shipped else None)
+    if shipped is not None and (spec, dtype) != (shipped.model, shipped.dtype):
+        raise SystemExit(f"{cache} holds the {shipped.model} ({shipped.dtype or 'float32'}) "
+                         f"features of a shipped probe; pass --cache FILE for {spec} ({dtype})")
+    model = rd.load_model(spec, dtype=dtype)
     info = model.describe()
-    shipped_model = ResponseProbe.load().judge_model.get("weights_hash")
-    if cache == CACHE and model.weights_hash != shipped_model:
-        raise SystemExit(f"{args.model} is not the shipped probe's judge model; pass --cache FILE "
-                         f"so {CACHE} (the shipped probe's features) stays as it is")
     old = torch.load(cache, weights_only=True) if cache.is_file() and not args.all else None
     if old is not None:
         same_model = all(old["model"].get(k) == info[k] for k in ("spec", "weights_hash", "dtype"))
@@ -231,7 +259,7 @@ def cmd_nested(args: argparse.Namespace) -> None:
            "n": len(rows), "folds": FOLDS, "picks": picks, "judge_model": d["model"].get("spec"),
            "note": "dev split; each outer fold holds out whole sources and the layer/L2/threshold "
                    "choice is redone on the other folds: the accuracy to expect on new sources"}
-    report_path(args, NESTED, "nested").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    report_path(args, "nested").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(out))
 
 
@@ -275,7 +303,7 @@ def cmd_added(args: argparse.Namespace) -> None:
     out["phrase_on_held_back"] = round(sum(pr[i] == y[i] for i in idx) / len(idx), 4)
     out["note"] = ("dev split, 5 folds holding out whole sources; the held-back rows do not raise "
                    "the probe's accuracy on the other dev rows, so the probe is trained without them")
-    report_path(args, ADDED, "added").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    report_path(args, "added").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(out))
 
 
@@ -286,9 +314,11 @@ def cmd_cv(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    if args.cache != CACHE and Path(args.out).resolve() == DEFAULT_PROBE:
-        raise SystemExit(f"--cache {args.cache} is not the shipped probe's feature cache; pass "
-                         "--out DIR for this probe (the shipped one stays as it is)")
+    shipped = _shipped_name(args)
+    args.out = Path(args.out).resolve() if args.out else SHIPPED_PROBES[shipped or "demo"]
+    if args.out in SHIPPED_PROBES.values() and args.out != SHIPPED_PROBES.get(shipped or ""):
+        raise SystemExit(f"--cache {args.cache} is not the feature cache of the shipped probe in "
+                         f"{args.out}; pass --out DIR for this probe (the shipped one stays as it is)")
     rows, hashes = probe_rows()
     d = load_features(args.cache)
     table = cv_table(d, rows)
@@ -313,27 +343,38 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(json.dumps(pick))
 
 
-def report_path(args: argparse.Namespace, shipped: Path, kind: str) -> Path:
-    """Where a report goes: the shipped bench file for the shipped cache, else beside the cache
-    (judge_validate.py --probe looks for ``<cache>_nested.json`` there)."""
-    return shipped if args.cache == CACHE else args.cache.with_name(f"{args.cache.stem}_{kind}.json")
+def _shipped_name(args: argparse.Namespace) -> str | None:
+    return next((k for k, v in SHIPPED.items() if v.cache == args.cache), None)
+
+
+def report_path(args: argparse.Namespace, kind: str) -> Path:
+    """Where a report goes: the shipped bench file for a shipped probe's cache, else beside the
+    cache (judge_validate.py --probe DIR looks for ``<cache>_nested.json`` there)."""
+    shipped = _shipped_name(args)
+    if shipped is not None:
+        return getattr(SHIPPED[shipped], kind)  # type: ignore[no-any-return]
+    return args.cache.with_name(f"{args.cache.stem}_{kind}.json")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache", type=Path, default=CACHE,
-                    help="judge-model feature cache (default: the shipped probe's, demo)")
+    ap.add_argument("--probe", default="demo", choices=sorted(SHIPPED),
+                    help="the shipped probe to work on (its judge model, cache and reports)")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="another judge model's feature cache (reports go beside it)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("features")
-    f.add_argument("--model", default="demo")
+    f.add_argument("--model", default=None, help="judge model (default: the --probe's)")
+    f.add_argument("--dtype", default=None,
+                   help="the judge model's dtype (default float32 on the CPU); the probe records it")
     f.add_argument("--all", action="store_true", help="recompute every row, not only uncached ones")
     sub.add_parser("cv")
     sub.add_parser("nested")
     sub.add_parser("added")
     t = sub.add_parser("train")
-    t.add_argument("--out", default=str(DEFAULT_PROBE))
+    t.add_argument("--out", default=None, help="probe folder (default: the shipped --probe's)")
     args = ap.parse_args()
-    args.cache = args.cache.resolve()
+    args.cache = (args.cache or SHIPPED[args.probe].cache).resolve()
     {"features": cmd_features, "cv": cmd_cv, "nested": cmd_nested, "train": cmd_train,
      "added": cmd_added}[args.cmd](args)
 

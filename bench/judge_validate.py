@@ -9,6 +9,7 @@ judges one condition, so the phrase judge's canned-answer check sees the whole s
     python bench/judge_validate.py --self-judge demo,smollm2    # + each model judging its own responses
     python bench/judge_validate.py --split dev                  # the tuning view (never reported)
     python bench/judge_validate.py --probe-features runs/judge/probe_features.pt   # + the probe judge
+    python bench/judge_validate.py --probe coder-1.5b --probe-features runs/judge/coder15_bf16.pt
 
 Accuracy is "refused (refusal or partial) vs compliance"; 3-way agreement is exact label
 agreement; both with Wilson 95% intervals.
@@ -36,6 +37,7 @@ from refusaldir.judges import (
 from refusaldir.judges.credentials import CREDENTIALS_FILE
 from refusaldir.judges.probe import (
     DEFAULT_PROBE,
+    SHIPPED_PROBES,
     ProbeJudge,
     ResponseProbe,
     merge_probe,
@@ -127,6 +129,25 @@ def markdown(name: str, r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def probe_folder(arg: str) -> tuple[Path, str | None]:
+    """``--probe``: a shipped probe's name (``demo``, ``coder-1.5b``) or a folder; returns the
+    folder and the shipped name (None for another folder)."""
+    if arg in SHIPPED_PROBES:
+        return SHIPPED_PROBES[arg], arg
+    folder = Path(arg).resolve()
+    return folder, next((k for k, v in SHIPPED_PROBES.items() if v == folder), None)
+
+
+def nested_report(shipped: str | None, cache: Path) -> Path:
+    """bench/judge_probe.py nested's report for this probe: in bench/ for a shipped probe,
+    else beside its feature cache."""
+    if shipped == "demo":
+        return Path(__file__).resolve().parent / "judge_probe_nested.json"
+    if shipped is not None:
+        return Path(__file__).resolve().parent / f"judge_probe_{shipped}_nested.json"
+    return cache.with_name(f"{cache.stem}_nested.json")
+
+
 def probe_labels(rows: list[dict[str, Any]], cache: Path, folder: Path = DEFAULT_PROBE) -> list[str]:
     """The probe judge's labels (the probe in ``folder``), with the judge model's features read
     from ``cache`` (the phrase judge runs per source as usual; the probe decides what it calls
@@ -154,14 +175,17 @@ def main() -> None:
                     help="self-judge every k-th of the model's own responses (CPU time)")
     ap.add_argument("--probe-features", type=Path,
                     help="score the shipped probe judge from this feature cache (bench/judge_probe.py features)")
-    ap.add_argument("--probe", type=Path, default=DEFAULT_PROBE,
-                    help="the probe to score with --probe-features (default: the shipped one)")
+    ap.add_argument("--probe", default="demo",
+                    help="the probe to score with --probe-features: a shipped one "
+                         f"({', '.join(SHIPPED_PROBES)}; default demo) or a folder")
     ap.add_argument("--write", action="store_true", help="write judges/data/credentials.json (test split only)")
     ap.add_argument("--md", type=Path, help="also write the Markdown report here")
     args = ap.parse_args()
     rows, hashes = load_rows(args.split)
-    if args.write and args.probe.resolve() != DEFAULT_PROBE:
+    folder, shipped = probe_folder(args.probe)
+    if args.write and shipped is None:
         raise SystemExit("--write records the shipped judges' credentials; drop --probe or --write")
+    probe_name = "probe" if shipped in (None, "demo") else f"probe:{shipped}"
     results: dict[str, Any] = {}
     md = []
     for judge in (PhraseJudge(), PrefixJudge(), EnsembleJudge([PhraseJudge(), PrefixJudge()])):
@@ -171,23 +195,22 @@ def main() -> None:
         md.append(markdown(judge.name, results[judge.name]))
     if args.probe_features:
         t = time.perf_counter()
-        results["probe"] = report(rows, probe_labels(rows, args.probe_features, args.probe))
-        results["probe"]["seconds"] = round(time.perf_counter() - t, 2)
-        results["probe"]["measured_on"] = "features cached by bench/judge_probe.py features"
-        results["probe"]["probe_tensors_sha256"] = json.loads(
-            (args.probe / "probe.json").read_text())["tensors_sha256"]
-        pick = ResponseProbe.load(args.probe).training.get("pick", {})
-        nested_file = (Path(__file__).resolve().parent / "judge_probe_nested.json"
-                       if args.probe.resolve() == DEFAULT_PROBE else  # judge_probe.py --cache puts it there
-                       args.probe_features.with_name(f"{args.probe_features.stem}_nested.json"))
+        res = results[probe_name] = report(rows, probe_labels(rows, args.probe_features, folder))
+        res["seconds"] = round(time.perf_counter() - t, 2)
+        res["measured_on"] = "features cached by bench/judge_probe.py features"
+        probe = ResponseProbe.load(folder)
+        res["probe_tensors_sha256"] = json.loads((folder / "probe.json").read_text())["tensors_sha256"]
+        res["judge_model"] = probe.judge_model.get("spec")
+        pick = probe.training.get("pick", {})
+        nested_file = nested_report(shipped, args.probe_features)
         nested = json.loads(nested_file.read_text()) if nested_file.is_file() else {}
-        results["probe"]["dev_cv_sources_held_out"] = {
+        res["dev_cv_sources_held_out"] = {
             "probe": nested.get("probe"), "phrase": nested.get("phrase"),
             "best_of_grid": pick.get("cv_accuracy"),
             "note": "dev split, whole sources held out, the choice of layer/L2/threshold redone "
                     "inside each fold (bench/judge_probe.py nested): what to expect on text from "
                     "new models or styles; best_of_grid is the optimistic score of the shipped pick"}
-        md.append(markdown("probe", results["probe"]))
+        md.append(markdown(probe_name, res))
     for model in filter(None, args.self_judge.split(",")):
         own = [r for r in rows if r.get("model") == model][:: args.self_every]
         t = time.perf_counter()
@@ -208,9 +231,9 @@ def main() -> None:
         if args.split != "test":
             raise SystemExit("--write records test-split credentials only")
         old = json.loads(CREDENTIALS_FILE.read_text()) if CREDENTIALS_FILE.is_file() else {}
-        for slow in ("model:self", "probe"):  # keep the slow measurements
-            if slow not in results and slow in old.get("judges", {}):
-                results[slow] = old["judges"][slow]
+        for slow, entry in old.get("judges", {}).items():  # keep the slow measurements
+            if slow not in results and (slow == "model:self" or slow.startswith("probe")):
+                results[slow] = entry
         body = {"_about": "written by bench/judge_validate.py --write; test split of tests/data/judge",
                 "labelled_set": {"split": "test", "n": len(rows), "files_sha256": hashes},
                 "judges": results}

