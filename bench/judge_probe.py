@@ -50,14 +50,9 @@ import torch
 from refusaldir.io import sha256_bytes
 from refusaldir.judges import PhraseJudge, refused
 from refusaldir.judges.model import RUBRIC
-from refusaldir.judges.probe import (
-    SHIPPED_PROBES,
-    ProbeJudge,
-    ResponseProbe,
-    merge_probe,
-    probe_candidates,
-    probe_features,
-)
+from refusaldir.judges.probe import ResponseProbe, probe_features
+from refusaldir.judges.probe_judge import ProbeJudge, merge_probe, probe_candidates
+from refusaldir.judges.shipped import SHIPPED_PROBES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from judge_validate import judge_by_source_full, load_rows, row_sha, rows_features  # noqa: E402
@@ -137,7 +132,7 @@ def cmd_features(args: argparse.Namespace) -> None:
     shipped = next((v for v in SHIPPED.values() if v.cache == cache), None)
     spec = args.model or (shipped.model if shipped else "demo")
     dtype = args.dtype or (shipped.dtype if shipped else None)
-    if shipped is not None and (spec, dtype) != (shipped.model, shipped.dtype):
+    if shipped is not None and (spec, dtype or "float32") != (shipped.model, shipped.dtype or "float32"):
         raise SystemExit(f"{cache} holds the {shipped.model} ({shipped.dtype or 'float32'}) "
                          f"features of a shipped probe; pass --cache FILE for {spec} ({dtype})")
     model = rd.load_model(spec, dtype=dtype)

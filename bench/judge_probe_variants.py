@@ -31,7 +31,8 @@ from refusaldir.io import sha256_bytes
 from refusaldir.judges import PhraseJudge, refused
 from refusaldir.judges.deflection import _stems as content_stems
 from refusaldir.judges.deflection import is_off_topic, is_repetitive
-from refusaldir.judges.probe import ProbeJudge, ResponseProbe, probe_candidates
+from refusaldir.judges.probe import ResponseProbe
+from refusaldir.judges.probe_judge import ProbeJudge, probe_candidates
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from judge_probe import FOLDS, PROMPT_CHARS, RESPONSE_CHARS, _fold, load_features, probe_rows  # noqa: E402

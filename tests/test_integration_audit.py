@@ -34,7 +34,9 @@ def test_demo_audit(demo_model, demo_directions, tmp_path):
     beh = g["behaviour"]
     assert 0 <= beh["phrase"]["auroc"] <= 1 and 0 <= beh["logit"]["auroc"] <= 1, beh.get("logit")
 
-    judges = data["evaluation"]["judges"]  # the default judge, with its shipped credentials
+    # conftest swaps integration tests to the demo-model probe: the same judge code, with its
+    # own shipped credentials (the default, probe:coder-1.5b, has a test of its own)
+    judges = data["evaluation"]["judges"]
     assert judges["primary"] == "probe" and judges["credentials"]["probe"]["accuracy"]["n"] > 1000
     ev = data["evaluation"]["conditions"]
     assert ev["baseline"]["datasets"]["harmful"]["refusal"]["rate"] >= 0.5  # the demo model refuses

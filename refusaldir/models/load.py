@@ -23,17 +23,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from refusaldir.errors import ModelLoadError, ResourceError
-from refusaldir.io import expand_user
 from refusaldir.models.chat_model import ChatModel, input_device
-from refusaldir.models.embedded import (
-    EMBEDDED,
-    SMOLLM2_FILE,
-    SMOLLM2_PACKAGE,
-    gguf_folder,
-    package_dir,
-    split_folder,
-)
-from refusaldir.models.identity import folder_hash, state_dict_hash, weights_fingerprint
+from refusaldir.models.identity import state_dict_hash, weights_fingerprint
+from refusaldir.models.locate import locate
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -182,7 +174,7 @@ def load_model(
     """Load a chat model and wrap it in a ``TransformerBridge``.
 
     Args:
-        spec: ``"demo"``, ``"smollm2"``, a ``.gguf`` path, a local HF folder, a hub id, a loaded
+        spec: an embedded model (``"demo"``, ``"smollm2"``, ``"coder-1.5b"``), a ``.gguf`` path, a local HF folder, a hub id, a loaded
             HF model (with ``tokenizer=``), a ``TransformerBridge`` or a ``ChatModel``.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``…; default ``$REFUSALDIR_DEVICE``, else CUDA
             when available, else CPU. Ignored with ``device_map``.
@@ -237,7 +229,7 @@ def load_model(
             ".gguf path, a model folder, a hub id, or a loaded model"
         )
     spec_str = str(spec)
-    source, whash, bridge_name = _locate(spec_str)
+    source, whash, bridge_name = locate(spec_str)
     placement: dict[str, Any] = {}
     if device_map is not None:
         placement = {"device_map": device_map, "max_memory": max_memory}
@@ -253,40 +245,6 @@ def load_model(
         whash = f"hub:{commit}" if commit else fingerprint(hf)
     bridge = _boot(hf, tok, bridge_name, attn_implementation=attn_implementation)
     return ChatModel(bridge, tok, spec_str, whash, **kw)
-
-
-def _locate(spec_str: str) -> tuple[str, str, str]:
-    """``(source for from_pretrained, weights hash or "", name for the bridge)``."""
-    if spec_str in EMBEDDED:
-        emb = EMBEDDED[spec_str]
-        if emb.split is not None:
-            folder, whash = split_folder(spec_str)
-        else:
-            gguf = package_dir(SMOLLM2_PACKAGE, emb.install) / SMOLLM2_FILE
-            if not gguf.is_file():
-                raise ModelLoadError(f"{gguf} is missing; reinstall with: {emb.install} --force-reinstall")
-            folder, whash = gguf_folder(gguf, "smollm2")
-        return str(folder), whash, emb.bridge_name
-    if spec_str.endswith(".gguf"):
-        gguf = expand_user(spec_str)
-        if not gguf.is_file():
-            raise ModelLoadError(f"GGUF file {gguf} does not exist; check the path")
-        folder, whash = gguf_folder(gguf, gguf.stem)
-        return str(folder), whash, spec_str
-    path = expand_user(spec_str)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(
-                f"{path} is a folder without config.json; expected a Hugging Face model folder "
-                "(save_pretrained output) or a .gguf file"
-            )
-        return str(path), folder_hash(path), spec_str
-    if path.suffix or spec_str.startswith((".", "/", "~")) or spec_str.count("/") != 1:
-        raise ModelLoadError(
-            f"model {spec_str!r} is neither an embedded model ({', '.join(EMBEDDED)}), an "
-            "existing folder or .gguf file, nor a hub id like 'org/name'; check the spelling"
-        )
-    return spec_str, "", spec_str
 
 
 def hub_offline() -> bool:
