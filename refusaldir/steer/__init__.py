@@ -37,13 +37,21 @@ from refusaldir.steer.export import PROVENANCE_FILE, save_orthogonalized
 from refusaldir.steer.interventions import ABLATION_POINTS, Ablation, Addition, Applied, ablate, add
 from refusaldir.steer.layers import default_layer, layer_scores
 from refusaldir.steer.ops import add_vector, project_out, project_out_rows, unit_vector
-from refusaldir.steer.orthogonalize import edited_parameters, orthogonalize, plain_copy
+from refusaldir.steer.orthogonalize import (
+    Writer,
+    edited_copy,
+    edited_parameters,
+    orthogonalize,
+    plain_copy,
+    project_along,
+    residual_writers,
+)
 
 __all__ = [
     "ABLATION_POINTS", "PROVENANCE_FILE", "Ablation", "Addition", "Applied",
     "ConditionalSteering", "Intervention", "ablate", "add", "add_vector", "as_direction",
     "check_coeff", "check_direction", "default_layer", "direction_from_dict",
     "direction_to_dict", "edited_parameters", "intervention_from_dict", "layer_scores", "norm_layers",
-    "orthogonalize", "plain_copy", "project_out", "project_out_rows", "save_orthogonalized",
-    "steer_if", "unit_vector", "vector_sha256",
+    "orthogonalize", "plain_copy", "project_along", "project_out", "project_out_rows", "save_orthogonalized",
+    "residual_writers", "steer_if", "unit_vector", "vector_sha256", "Writer", "edited_copy",
 ]

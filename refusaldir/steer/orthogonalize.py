@@ -22,6 +22,8 @@ Example:
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,8 +38,9 @@ if TYPE_CHECKING:
     from refusaldir.models import ChatModel
 
 __all__ = [
-    "ATTN_OUT_NAMES", "MLP_OUT_NAMES", "POST_NORM_NAMES", "edited_parameters", "orthogonalize",
-    "orthogonalize_with_info", "plain_copy",
+    "ATTN_OUT_NAMES", "MLP_OUT_NAMES", "POST_NORM_NAMES", "Writer", "edited_copy",
+    "edited_parameters", "orthogonalize", "orthogonalize_with_info", "plain_copy", "project_along",
+    "residual_writers", "work_dtype",
 ]
 
 ATTN_OUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj")
@@ -133,52 +136,82 @@ def work_dtype(device: torch.device) -> torch.dtype:
 
 
 @torch.no_grad()
-def _project_rows(w: Float[Tensor, "rows d"], u: Float[Tensor, " d"], chunk: int = 8192) -> None:
-    """``w ← w - (w u) uᵀ`` in place, computed in ``u``'s dtype chunk by chunk, on ``w``'s device."""
-    u = u.to(device=w.device)
-    for s in range(0, w.shape[0], chunk):
-        block = w[s : s + chunk].to(u.dtype)
-        block -= (block @ u).unsqueeze(-1) * u
-        w[s : s + chunk] = block.to(w.dtype)
+def project_along(
+    t: Tensor,
+    out_axis: int,
+    basis: Float[Tensor, "d_model k"],
+    weight: float = 1.0,
+    *,
+    preserve_norm: bool = False,
+    chunk: int = 8192,
+) -> None:
+    """Remove ``weight`` × the component along the orthonormal ``basis`` from every vector
+    ``t`` writes into the residual stream, in place.
 
-
-@torch.no_grad()
-def _project_out_cols(w: Float[Tensor, "d cols"], u: Float[Tensor, " d"], chunk: int = 8192) -> None:
-    """``w ← w - u (uᵀ w)`` in place for a ``Linear`` weight that writes into ``d`` (computed
-    in ``u``'s dtype, column block by column block, on ``w``'s device)."""
-    u = u.to(device=w.device)
-    for s in range(0, w.shape[1], chunk):
-        block = w[:, s : s + chunk].to(u.dtype)
-        block -= torch.outer(u, u @ block)
-        w[:, s : s + chunk] = block.to(w.dtype)
-
-
-def orthogonalize(model: ChatModel, direction: Direction | Tensor) -> Any:
-    """A modified copy of ``model.hf`` with ``direction`` removed from every residual write.
-
-    Returns a plain ``transformers`` model (``model`` itself is left untouched) whose input
-    embedding, attention output and MLP output weights (and biases) are orthogonal to the
-    direction. Tied embeddings are untied so the unembedding stays as it was.
-
-    Example:
-        >>> ortho = orthogonalize(model, ds.refusal_direction(12, -1))  # doctest: +SKIP
-        >>> ortho(**model.template.encode(["Hi"])).logits.shape  # doctest: +SKIP
+    ``out_axis`` is the axis of ``t`` that indexes ``d_model`` (``0`` for a ``Linear`` weight
+    ``(d_model, d_in)``, ``1`` for an embedding ``(vocab, d_model)``, any axis of a fused
+    expert tensor); every index of the other axes is one input unit, and the vector it writes
+    is ``m ← m - weight · Q Qᵀ m``. ``preserve_norm`` rescales each such vector back to its
+    norm before the edit (a per-input-unit scale, so with ``weight=1`` the result is still
+    exactly orthogonal to the basis; renormalising the ``d_model`` rows instead would not be).
+    Computed in ``basis``'s dtype, block by block, on ``t``'s device; cast back to ``t``'s dtype.
     """
-    return orthogonalize_with_info(model, direction)[0]
+    q = basis.to(device=t.device)
+    m = t.movedim(out_axis, -1)
+    flat = m.reshape(-1, m.shape[-1]) if m.is_contiguous() else None
+    view = flat if flat is not None else m
+    rows = view.shape[0]
+    for s in range(0, rows, chunk):
+        block = view[s : s + chunk].to(q.dtype)
+        before = block.norm(dim=-1, keepdim=True) if preserve_norm else None
+        block = block - weight * (block @ q) @ q.T
+        if before is not None:
+            block = block * (before / block.norm(dim=-1, keepdim=True).clamp_min(1e-30))
+        view[s : s + chunk] = block.to(t.dtype)
 
 
-def orthogonalize_with_info(model: ChatModel, direction: Direction | Tensor) -> tuple[Any, bool]:
-    """:func:`orthogonalize`, plus whether tied embeddings had to be untied."""
-    d = as_direction(direction)
-    check_direction(model, d)
-    clean = plain_copy(model)
-    d_model = model.d_model
+@dataclass(frozen=True, eq=False)
+class Writer:
+    """One parameter that writes into the residual stream (see :func:`residual_writers`).
+
+    ``point`` is ``"embed"`` (``layer=-1``), ``"attn_out"`` or ``"mlp_out"``; ``out_axis`` is
+    the axis of ``weight`` that indexes ``d_model``; ``gain`` is the effective gain of a norm
+    applied to the writer's output before it joins the residual stream (``None``: none).
+    """
+
+    name: str
+    layer: int
+    point: str
+    weight: Tensor
+    out_axis: int
+    bias: Tensor | None = None
+    gain: Tensor | None = None
+
+    def project(self, basis: Float[Tensor, "d_model k"], weight: float = 1.0, *,
+                preserve_norm: bool = False) -> None:
+        """Project this writer's weight (and bias) off ``basis`` in place (see :func:`project_along`)."""
+        project_along(self.weight, self.out_axis, basis, weight, preserve_norm=preserve_norm)
+        if self.bias is not None:
+            project_along(self.bias.unsqueeze(0), 1, basis, weight)
+
+    def vectors(self) -> Float[Tensor, "units d_model"]:
+        """What each input unit writes (a copy, float32), e.g. to check ``rᵀW = 0``."""
+        return self.weight.detach().movedim(self.out_axis, -1).reshape(-1, self.weight.shape[self.out_axis]).float()
+
+
+def residual_writers(clean: Any) -> list[Writer]:
+    """Every parameter of a plain ``transformers`` model that writes into the residual stream:
+    the input embedding, then per layer the attention output and the MLP output projections.
+
+    Raises :class:`~refusaldir.errors.ConfigError` for architectures whose writes this does not
+    recognise (a weight edit there would not equal directional ablation).
+    """
     emb = clean.get_input_embeddings()
-    device = emb.weight.device
-    u = d.unit.to(device=device, dtype=work_dtype(device))  # once, for every weight
-    layers = _decoder_layers(clean)
-    targets: list[tuple[str, Any]] = []
-    for i, layer in enumerate(layers):
+    d_model = emb.weight.shape[1]
+    by_id = {id(p): n for n, p in clean.named_parameters(remove_duplicate=False)}
+    writers = [Writer(by_id.get(id(emb.weight), "embed_tokens.weight").removesuffix(".weight"), -1, "embed",
+                      emb.weight, 1)]
+    for i, layer in enumerate(_decoder_layers(clean)):
         bad = [n for n in POST_NORM_NAMES if getattr(layer, n, None) is not None]
         if bad:
             raise ConfigError(
@@ -196,16 +229,61 @@ def orthogonalize_with_info(model: ChatModel, direction: Direction | Tensor) -> 
                 f"({'/'.join(ATTN_OUT_NAMES)}) or MLP output ({'/'.join(MLP_OUT_NAMES)}) "
                 "projection (mixture-of-experts layers are not supported); use hook ablation"
             )
-        targets += [(f"layers.{i}.attn_out", o), (f"layers.{i}.mlp_out", down)]
+        for point, lin in (("attn_out", o), ("mlp_out", down)):
+            bias = getattr(lin, "bias", None)
+            writers.append(Writer(by_id[id(lin.weight)].removesuffix(".weight"), i, point,
+                                  lin.weight, 0, bias))
+    return writers
+
+
+def edited_copy(
+    model: ChatModel, plan: Callable[[Writer], tuple[Tensor | None, float]], *,
+    preserve_norm: bool = False,
+) -> tuple[Any, bool, list[Writer]]:
+    """A plain copy of ``model.hf`` with every residual writer projected as ``plan`` says.
+
+    ``plan(writer)`` returns ``(basis (d_model, k) or None, weight)``; ``None`` or a zero
+    weight leaves the writer as it is. Tied embeddings are untied first (the unembedding is
+    never edited). Returns ``(model, untied, edited writers)``.
+    """
+    clean = plain_copy(model)
     untie = _is_tied(clean) or bool(getattr(clean.config, "tie_word_embeddings", False))
+    writers = residual_writers(clean)  # raises before anything is untied or edited
     if untie:
         _untie(clean)
-    emb = clean.get_input_embeddings()  # after untying
-    _project_rows(emb.weight.data, u)
-    for _, lin in targets:
-        _project_out_cols(lin.weight.data, u)
-        if getattr(lin, "bias", None) is not None:
-            _project_rows(lin.bias.data.unsqueeze(0), u)
+        writers = residual_writers(clean)
+    device = clean.get_input_embeddings().weight.device
+    edited: list[Writer] = []
+    for w in writers:
+        basis, weight = plan(w)
+        if basis is None or weight == 0:
+            continue
+        w.project(basis.to(device=device, dtype=work_dtype(device)), weight, preserve_norm=preserve_norm)
+        edited.append(w)
+    return clean, untie, edited
+
+
+def orthogonalize(model: ChatModel, direction: Direction | Tensor) -> Any:
+    """A modified copy of ``model.hf`` with ``direction`` removed from every residual write.
+
+    Returns a plain ``transformers`` model (``model`` itself is left untouched) whose input
+    embedding, attention output and MLP output weights (and biases) are orthogonal to the
+    direction. Tied embeddings are untied so the unembedding stays as it was. For per-layer
+    strengths, several directions or norm-preserving edits see :class:`refusaldir.steer.Edit`.
+
+    Example:
+        >>> ortho = orthogonalize(model, ds.refusal_direction(12, -1))  # doctest: +SKIP
+        >>> ortho(**model.template.encode(["Hi"])).logits.shape  # doctest: +SKIP
+    """
+    return orthogonalize_with_info(model, direction)[0]
+
+
+def orthogonalize_with_info(model: ChatModel, direction: Direction | Tensor) -> tuple[Any, bool]:
+    """:func:`orthogonalize`, plus whether tied embeddings had to be untied."""
+    d = as_direction(direction)
+    check_direction(model, d)
+    u = d.unit.to(work_dtype(model.device))[:, None]
+    clean, untie, _ = edited_copy(model, lambda w: (u, 1.0))
     return clean, untie
 
 
@@ -222,14 +300,5 @@ def _decoder_layers(clean: Any) -> Any:
 
 def edited_parameters(ortho: Any) -> list[str]:
     """Names of the parameters :func:`orthogonalize` edits in ``ortho`` (for the model card)."""
-    d_model = ortho.get_input_embeddings().weight.shape[1]
-    names = [n for n, p in ortho.named_parameters() if p is ortho.get_input_embeddings().weight]
     by_id = {id(p): n for n, p in ortho.named_parameters()}
-    for layer in _decoder_layers(ortho):
-        attn = getattr(layer, "self_attn", None) or getattr(layer, "attn", None)
-        mlp = getattr(layer, "mlp", None) or getattr(layer, "feed_forward", None)
-        for lin in (_linear(attn, ATTN_OUT_NAMES, d_model), _linear(mlp, MLP_OUT_NAMES, d_model)):
-            for p in (lin.weight, getattr(lin, "bias", None)):
-                if p is not None:
-                    names.append(by_id[id(p)])
-    return names
+    return [by_id[id(t)] for w in residual_writers(ortho) for t in (w.weight, w.bias) if t is not None]
