@@ -15,5 +15,7 @@ Example:
 from refusaldir.directions.direction import Direction
 from refusaldir.directions.extract import extract, layer_stats
 from refusaldir.directions.set import METADATA_FILE, TENSORS_FILE, DirectionSet
+from refusaldir.directions.subspace import Subspaces, subspaces
 
-__all__ = ["METADATA_FILE", "TENSORS_FILE", "Direction", "DirectionSet", "extract", "layer_stats"]
+__all__ = ["METADATA_FILE", "TENSORS_FILE", "Direction", "DirectionSet", "Subspaces", "extract", "layer_stats",
+           "subspaces"]

@@ -18,6 +18,7 @@ Example:
     ...     logits = model.hf(**batch).logits
 """
 
+from refusaldir.steer.bases import SUBSPACES, edit_bases, orthonormal
 from refusaldir.steer.conditional import (
     ConditionalSteering,
     Intervention,
@@ -33,6 +34,7 @@ from refusaldir.steer.directions_io import (
     norm_layers,
     vector_sha256,
 )
+from refusaldir.steer.edit import MAX_WEIGHT, Edit, Kernel
 from refusaldir.steer.export import PROVENANCE_FILE, save_orthogonalized
 from refusaldir.steer.interventions import ABLATION_POINTS, Ablation, Addition, Applied, ablate, add
 from refusaldir.steer.layers import default_layer, layer_scores
@@ -41,6 +43,7 @@ from refusaldir.steer.orthogonalize import (
     Writer,
     edited_copy,
     edited_parameters,
+    live_writers,
     orthogonalize,
     plain_copy,
     project_along,
@@ -48,6 +51,7 @@ from refusaldir.steer.orthogonalize import (
 )
 
 __all__ = [
+    "MAX_WEIGHT", "SUBSPACES", "Edit", "Kernel", "edit_bases", "orthonormal", "live_writers",
     "ABLATION_POINTS", "PROVENANCE_FILE", "Ablation", "Addition", "Applied",
     "ConditionalSteering", "Intervention", "ablate", "add", "add_vector", "as_direction",
     "check_coeff", "check_direction", "default_layer", "direction_from_dict",

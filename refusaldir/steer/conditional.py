@@ -37,6 +37,7 @@ from refusaldir.steer.directions_io import (
     direction_from_dict,
     direction_to_dict,
 )
+from refusaldir.steer.edit import Edit
 from refusaldir.steer.interventions import (
     Ablation,
     Addition,
@@ -187,14 +188,16 @@ class ConditionalSteering:
     ) -> ConditionalSteering:
         expect_type(d, cls.type)
         inner = intervention_from_dict(d["intervention"], directions)
-        if isinstance(inner, ConditionalSteering):
-            raise ArtifactError("conditional steering cannot wrap another conditional steering")
+        if not isinstance(inner, (Ablation, Addition)):
+            raise ArtifactError(
+                f"conditional steering wraps an ablation or an addition, not a {inner.type!r} record"
+            )
         return cls(inner, direction_from_dict(d["detector"], directions), d["threshold"],
                    d.get("layer"), d.get("pos"), bool(d.get("above", True)),
                    d.get("calibration", {}))
 
 
-Intervention: TypeAlias = Ablation | Addition | ConditionalSteering
+Intervention: TypeAlias = Ablation | Addition | ConditionalSteering | Edit
 _TYPES: dict[str, Any] = {c.type: c for c in (Ablation, Addition, ConditionalSteering)}
 
 

@@ -38,17 +38,21 @@ if TYPE_CHECKING:
     from refusaldir.models import ChatModel
 
 __all__ = [
-    "ATTN_OUT_NAMES", "MLP_OUT_NAMES", "POST_NORM_NAMES", "Writer", "edited_copy",
+    "ATTN_OUT_NAMES", "MLP_OUT_NAMES", "POST_NORM_NAMES", "Writer", "edit_records", "edited_copy", "through_gain",
     "edited_parameters", "orthogonalize", "orthogonalize_with_info", "plain_copy", "project_along",
-    "residual_writers", "work_dtype",
+    "live_writers", "residual_writers", "work_dtype",
 ]
 
 ATTN_OUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj")
 MLP_OUT_NAMES = ("down_proj", "fc2", "c_proj", "dense_4h_to_h", "w2")
-# Norms applied to a sublayer's output before it joins the residual stream break the
-# equivalence between weight editing and activation ablation (e.g. Gemma 2/3).
-POST_NORM_NAMES = ("post_feedforward_layernorm", "pre_feedforward_layernorm", "post_attention_norm",
-                   "post_mlp_norm", "post_ffw_norm")
+# Norms applied to a sublayer's output before it joins the residual stream (Gemma 2/3, OLMo 2):
+# (attention-side, MLP-side) names. A layer with an MLP-side one has post-norms on both sides;
+# elsewhere ``post_attention_layernorm`` is the MLP's *pre*-norm (Llama naming).
+POST_NORM_NAMES = (("post_attention_layernorm", "post_feedforward_layernorm"),
+                   ("post_attention_norm", "post_ffw_norm"), ("post_attention_norm", "post_mlp_norm"))
+ATTN_NAMES = ("self_attn", "attn", "linear_attn")  # linear_attn: Qwen3.5 gated-delta-net layers
+MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe")
+SHARED_EXPERT_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
 
 
 def _strip(name: str) -> str:
@@ -190,18 +194,99 @@ class Writer:
     def project(self, basis: Float[Tensor, "d_model k"], weight: float = 1.0, *,
                 preserve_norm: bool = False) -> None:
         """Project this writer's weight (and bias) off ``basis`` in place (see :func:`project_along`)."""
+        if self.gain is not None:  # what reaches the residual is gain ⊙ y / rms(y)
+            basis = through_gain(basis, self.gain)
         project_along(self.weight, self.out_axis, basis, weight, preserve_norm=preserve_norm)
-        if self.bias is not None:
-            project_along(self.bias.unsqueeze(0), 1, basis, weight)
+        if self.bias is not None:  # (d_model,) or one row per expert (experts, d_model)
+            project_along(self.bias, self.bias.dim() - 1, basis, weight)
 
     def vectors(self) -> Float[Tensor, "units d_model"]:
         """What each input unit writes (a copy, float32), e.g. to check ``rᵀW = 0``."""
         return self.weight.detach().movedim(self.out_axis, -1).reshape(-1, self.weight.shape[self.out_axis]).float()
 
 
+def through_gain(basis: Float[Tensor, "d_model k"], gain: Float[Tensor, " d_model"]) -> Float[Tensor, "d_model k"]:
+    """The orthonormal basis a writer followed by an RMS norm with per-channel ``gain`` must be
+    projected off so that the norm's output has no component along ``basis``.
+
+    The norm writes ``z = gain ⊙ y / rms(y)``, so ``uᵀz = (gain ⊙ u)ᵀy / rms(y)``: ``y ⊥ gain ⊙ u``
+    is exactly ``z ⊥ u``, whatever ``rms(y)`` is.
+    """
+    scaled = gain.to(device=basis.device, dtype=basis.dtype)[:, None] * basis
+    q, r = torch.linalg.qr(scaled)
+    keep = r.diagonal().abs() > 1e-12 * max(float(scaled.abs().max()), 1e-300)
+    return q[:, keep]
+
+
+def _gain(norm: Any, d_model: int, where: str) -> Tensor:
+    """The per-channel gain of an RMS norm (Gemma's ``1 + weight`` included), read by running it
+    on a constant vector: any overall scale is irrelevant to :func:`through_gain`."""
+    w = getattr(norm, "weight", None)
+    if w is None or getattr(norm, "bias", None) is not None or tuple(w.shape) != (d_model,):
+        raise ConfigError(
+            f"{where} ({type(norm).__name__}) is not an RMS norm with one gain per channel, so the "
+            "direction cannot be removed exactly from what it writes; use hook ablation"
+        )
+    if w.device.type == "meta":  # a skeleton (live_writers): the gain's presence is what counts
+        return torch.ones(d_model, dtype=torch.float64, device="meta")
+    with torch.no_grad():
+        g = norm(torch.ones(1, d_model, dtype=w.dtype, device=w.device))[0].double()
+    if g.device.type == "meta":  # a skeleton: the gain only marks the writer
+        return g
+    if not bool(torch.isfinite(g).all()) or float(g.abs().max()) == 0:
+        raise ConfigError(f"{where} has a zero or non-finite gain; use hook ablation for this model")
+    return g
+
+
+def _out_axis(t: Tensor, d_model: int, gate_up: Tensor | None, name: str) -> int:
+    """The axis of a fused expert tensor ``(experts, a, b)`` that indexes ``d_model``."""
+    axes = [a for a in (1, 2) if t.shape[a] == d_model]
+    if len(axes) == 2 and gate_up is not None and gate_up.dim() == 3:
+        ins = [a for a in (1, 2) if gate_up.shape[a] == d_model]
+        axes = [3 - ins[0]] if len(ins) == 1 else axes  # down reads what gate_up writes
+    if len(axes) != 1:
+        raise ConfigError(f"cannot tell which axis of {name} {tuple(t.shape)} is d_model={d_model}")
+    return axes[0]
+
+
+def _mlp_writers(mlp: Any, i: int, d_model: int, by_id: dict[int, str], gain: Tensor | None) -> list[Writer]:
+    """The MLP's output projection, or for a mixture of experts every expert's (fused 3-D
+    tensors or one module per expert) and the shared experts'; the router is never edited."""
+    found: list[tuple[Tensor, int, Tensor | None]] = []
+    down = _linear(mlp, MLP_OUT_NAMES, d_model)
+    if down is not None:
+        found.append((down.weight, 0, getattr(down, "bias", None)))
+    experts = getattr(mlp, "experts", None)
+    if down is None and experts is not None:
+        if isinstance(experts, torch.nn.ModuleList):
+            for e in experts:
+                lin = _linear(e, MLP_OUT_NAMES, d_model)
+                if lin is None:
+                    return []
+                found.append((lin.weight, 0, getattr(lin, "bias", None)))
+        else:
+            t = next((getattr(experts, n) for n in MLP_OUT_NAMES
+                      if isinstance(getattr(experts, n, None), torch.Tensor)), None)
+            if t is None or t.dim() != 3:
+                return []
+            axis = _out_axis(t, d_model, getattr(experts, "gate_up_proj", None), by_id[id(t)])
+            bias = next((b for n in MLP_OUT_NAMES if isinstance(b := getattr(experts, f"{n}_bias", None), torch.Tensor)), None)
+            found.append((t, axis, bias))
+        for n in SHARED_EXPERT_NAMES:
+            shared = getattr(mlp, n, None)
+            lin = _linear(shared, MLP_OUT_NAMES, d_model) if shared is not None else None
+            if lin is not None:
+                found.append((lin.weight, 0, getattr(lin, "bias", None)))
+    return [Writer(by_id[id(w)].removesuffix(".weight"), i, "mlp_out", w, axis, b, gain) for w, axis, b in found]
+
+
 def residual_writers(clean: Any) -> list[Writer]:
     """Every parameter of a plain ``transformers`` model that writes into the residual stream:
-    the input embedding, then per layer the attention output and the MLP output projections.
+    the input embedding, then per layer the attention (or linear-attention) output and the MLP
+    output projections — for a mixture of experts every expert's and shared expert's output
+    projection. A sublayer whose output passes an RMS norm before the residual add (Gemma 2/3,
+    OLMo 2) carries that norm's gain (:attr:`Writer.gain`), so projecting it removes the
+    direction exactly from what the norm adds to the residual stream.
 
     Raises :class:`~refusaldir.errors.ConfigError` for architectures whose writes this does not
     recognise (a weight edit there would not equal directional ablation).
@@ -212,28 +297,51 @@ def residual_writers(clean: Any) -> list[Writer]:
     writers = [Writer(by_id.get(id(emb.weight), "embed_tokens.weight").removesuffix(".weight"), -1, "embed",
                       emb.weight, 1)]
     for i, layer in enumerate(_decoder_layers(clean)):
-        bad = [n for n in POST_NORM_NAMES if getattr(layer, n, None) is not None]
-        if bad:
-            raise ConfigError(
-                f"{type(clean).__name__} normalises sublayer outputs ({bad[0]}) before adding them "
-                "to the residual stream, so weight orthogonalization would not equal directional "
-                "ablation; use refusaldir.steer.ablate (hooks) for this model"
-            )
-        attn = getattr(layer, "self_attn", None) or getattr(layer, "attn", None)
-        mlp = getattr(layer, "mlp", None) or getattr(layer, "feed_forward", None)
+        gains: tuple[Tensor | None, Tensor | None] = (None, None)
+        for a_name, m_name in POST_NORM_NAMES:
+            a_norm, m_norm = getattr(layer, a_name, None), getattr(layer, m_name, None)
+            if m_norm is not None:
+                where = f"layer {i} {{}} of {type(clean).__name__}"
+                gains = (_gain(a_norm, d_model, where.format(a_name)) if a_norm is not None else None,
+                         _gain(m_norm, d_model, where.format(m_name)))
+                break
+        attn = next((m for n in ATTN_NAMES if (m := getattr(layer, n, None)) is not None), None)
+        mlp = next((m for n in MLP_NAMES if (m := getattr(layer, n, None)) is not None), None)
         o = _linear(attn, ATTN_OUT_NAMES, d_model) if attn is not None else None
-        down = _linear(mlp, MLP_OUT_NAMES, d_model) if mlp is not None else None
-        if o is None or down is None:
+        mlp_w = _mlp_writers(mlp, i, d_model, by_id, gains[1]) if mlp is not None else []
+        if o is None or not mlp_w:
             raise ConfigError(
                 f"layer {i} of {type(clean).__name__} has no recognised attention output "
-                f"({'/'.join(ATTN_OUT_NAMES)}) or MLP output ({'/'.join(MLP_OUT_NAMES)}) "
-                "projection (mixture-of-experts layers are not supported); use hook ablation"
+                f"({'/'.join(ATTN_OUT_NAMES)}) or MLP / expert output ({'/'.join(MLP_OUT_NAMES)}) "
+                "projection, so the weights cannot be edited to match directional ablation; use "
+                "hook ablation (refusaldir.steer.ablate)"
             )
-        for point, lin in (("attn_out", o), ("mlp_out", down)):
-            bias = getattr(lin, "bias", None)
-            writers.append(Writer(by_id[id(lin.weight)].removesuffix(".weight"), i, point,
-                                  lin.weight, 0, bias))
+        writers.append(Writer(by_id[id(o.weight)].removesuffix(".weight"), i, "attn_out", o.weight, 0,
+                              getattr(o, "bias", None), gains[0]))
+        writers += mlp_w
     return writers
+
+
+def live_writers(model: ChatModel) -> list[Writer]:
+    """:func:`residual_writers` of the running (bridged) model: the same names, holding the
+    model's own parameters (no copy; offloaded weights are read back, on the CPU). A writer
+    followed by a norm keeps a placeholder ``gain`` (on the meta device) that marks it."""
+    hf = model.hf
+    with torch.device("meta"):
+        try:
+            skeleton = type(hf)._from_config(copy.deepcopy(hf.config))
+        except Exception as exc:  # noqa: BLE001 - report any construction failure uniformly
+            raise ConfigError(
+                f"could not rebuild {type(hf).__name__} from its config ({exc}); the edit needs a "
+                "standard transformers architecture"
+            ) from exc
+    params = {_strip(n): p for n, p in hf.named_parameters(remove_duplicate=False)}
+    if any(p.device.type == "meta" for p in params.values()):
+        params = {_strip(n): p for n, p in _full_state_dict(hf).items()}
+    names = {id(p): n for n, p in skeleton.named_parameters(remove_duplicate=False)}
+    return [Writer(w.name, w.layer, w.point, params[names[id(w.weight)]], w.out_axis,
+                   None if w.bias is None else params[names[id(w.bias)]], w.gain)
+            for w in residual_writers(skeleton)]
 
 
 def edited_copy(
@@ -296,6 +404,17 @@ def _decoder_layers(clean: Any) -> Any:
             "Llama/Qwen/Mistral-style decoder-only models"
         )
     return layers
+
+
+def edit_records(ortho: Any) -> list[dict[str, Any]]:
+    """One record per edited writer of ``ortho``, for the export's provenance: its parameter
+    names, layer and point, whether it writes through an output norm (``through_norm``: projected
+    off ``gain ⊙ u``, which removes ``u`` exactly from what reaches the residual stream while the
+    norm's scale changes) and whether the result equals hook ablation exactly (``exact``)."""
+    by_id = {id(p): n for n, p in ortho.named_parameters()}
+    return [{"parameters": [by_id[id(t)] for t in (w.weight, w.bias) if t is not None], "layer": w.layer,
+             "point": w.point, "through_norm": w.gain is not None, "exact": w.gain is None}
+            for w in residual_writers(ortho)]
 
 
 def edited_parameters(ortho: Any) -> list[str]:
