@@ -19,6 +19,7 @@ from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
 from refusaldir.errors import HookError
+from refusaldir.models.residual import mixer_out_names
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
@@ -84,6 +85,9 @@ def check_layers(model: ChatModel, layers: Iterable[int] | str | None) -> list[i
 def get_hook_point(model: ChatModel, name: str) -> Any:
     """Return the bridge's ``HookPoint`` for ``name``; raise when the bridge lacks it."""
     hook_dict = model.bridge.hook_dict
+    parts = name.split(".")
+    if name not in hook_dict and parts[-1] == "hook_attn_out" and parts[1:2] and parts[1].isdigit():
+        name = next((a for a in mixer_out_names(int(parts[1])) if a in hook_dict), name)  # linear attention
     if name not in hook_dict:
         near = sorted(k for k in hook_dict if k.split(".")[-1] == name.split(".")[-1])[:3]
         hint = f" (e.g. {', '.join(near)})" if near else ""
@@ -121,7 +125,29 @@ def _register(point: Any, fn: HookFn) -> Any:
             result = conv.revert(result)
         return result
 
-    return point.register_forward_hook(full_hook)
+    handle = point.register_forward_hook(full_hook)
+    listed = getattr(point, "fwd_hooks", None)
+    if not isinstance(listed, list):
+        return handle
+    # Some bridge blocks (Granite's scaled residual adds) only call a HookPoint that reports
+    # hooks through TransformerLens's own list: record ours there too, for as long as it lives.
+    from transformer_lens.hook_points import LensHandle
+
+    lens = LensHandle(handle)
+    listed.append(lens)
+    return _ListedHandle(handle, listed, lens)
+
+
+class _ListedHandle:
+    """A PyTorch hook handle also recorded in a HookPoint's ``fwd_hooks``; removes both."""
+
+    def __init__(self, handle: Any, listed: list[Any], lens: Any) -> None:
+        self.handle, self.listed, self.lens = handle, listed, lens
+
+    def remove(self) -> None:
+        self.handle.remove()
+        if any(h is self.lens for h in self.listed):
+            self.listed[:] = [h for h in self.listed if h is not self.lens]
 
 
 def add_hooks(model: ChatModel, fwd_hooks: Sequence[tuple[str, HookFn]]) -> HookHandle:
@@ -228,9 +254,40 @@ def bridge_kv_cache() -> Iterator[None]:
     _update_kv_cache._refusaldir_compat = True  # type: ignore[attr-defined]
     AttentionBridge._update_kv_cache = _update_kv_cache  # type: ignore[method-assign]
     try:
-        yield
+        with _recurrent_cache():
+            yield
     finally:
         AttentionBridge._update_kv_cache = orig  # type: ignore[method-assign]
+
+
+@contextmanager
+def _recurrent_cache() -> Iterator[None]:
+    """The same for linear-attention (gated delta net) bridges, which run HF's own cached
+    forward only when the cache arrives as ``cache_params=``; transformers 5.x passes
+    ``cache=`` (Qwen3.5), and without this the recurrent and conv states are never updated."""
+    try:
+        from transformer_lens.model_bridge.generalized_components.gated_delta_net import (
+            GatedDeltaNetBridge,
+        )
+    except ImportError:  # pragma: no cover - other transformer-lens layouts
+        yield
+        return
+    orig = GatedDeltaNetBridge.__dict__.get("forward")
+    if orig is None or getattr(orig, "_refusaldir_compat", False) or not hasattr(GatedDeltaNetBridge, "_native_forward"):
+        yield
+        return
+
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("cache_params") is None and kwargs.get("cache") is not None:
+            return self._native_forward(*args, **kwargs)
+        return orig(self, *args, **kwargs)
+
+    forward._refusaldir_compat = True  # type: ignore[attr-defined]
+    GatedDeltaNetBridge.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        GatedDeltaNetBridge.forward = orig  # type: ignore[method-assign]
 
 
 # ----------------------------------------------------------------------------- interventions

@@ -22,11 +22,12 @@ from refusaldir.models.load import (
     resolve_dtype,
 )
 from refusaldir.models.locate import check_available
+from refusaldir.models.residual import check_residual_stream, has_recurrent_layers
 from refusaldir.models.templates import ChatTemplate, PromptTruncatedWarning
 
 __all__ = [
     "DEMO_SHA256", "DTYPES", "EMBEDDED", "ChatModel", "ChatTemplate", "EmbeddedModel", "PromptTruncatedWarning", "cache_dir",
-    "cached_sha256", "check_available", "default_device", "demo_gguf_parts", "folder_hash", "input_device",
+    "cached_sha256", "check_available", "check_residual_stream", "has_recurrent_layers", "default_device", "demo_gguf_parts", "folder_hash", "input_device",
     "load_model", "resolve_device", "resolve_dtype", "state_dict_hash",
     "stop_token_ids", "weights_fingerprint",
 ]

@@ -26,6 +26,7 @@ from refusaldir.errors import ModelLoadError, ResourceError
 from refusaldir.models.chat_model import ChatModel, input_device
 from refusaldir.models.identity import state_dict_hash, weights_fingerprint
 from refusaldir.models.locate import locate
+from refusaldir.models.residual import check_residual_stream
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -144,6 +145,7 @@ def _boot(
         for k, v in saved.items():
             if getattr(tokenizer, k, None) != v:
                 setattr(tokenizer, k, v)
+    check_residual_stream(bridge, hf)
     # The bridge switches to eager attention so pattern hooks fire; refusaldir never needs
     # attention patterns, and sdpa is markedly faster, so switch back unless asked not to.
     if attn_implementation is not None and hasattr(hf, "set_attn_implementation"):
@@ -306,10 +308,7 @@ def _from_pretrained(
             "offload_folder"
         ) from exc
     except OSError as exc:
-        raise ModelLoadError(
-            f"could not load model {spec_str!r}: {exc}. Without network access use 'demo', "
-            "'smollm2', a .gguf file or a local folder"
-        ) from exc
+        raise _os_error(spec_str, source, local, placement, exc) from exc
     except (ValueError, KeyError, RuntimeError) as exc:
         if "device_map" in str(exc) or "device map" in str(exc) or placement:
             raise ModelLoadError(
@@ -320,6 +319,27 @@ def _from_pretrained(
         raise _corrupt(spec_str, exc) from exc
     except Exception as exc:  # noqa: BLE001 - safetensors' SafetensorError, struct.error, ...
         raise _corrupt(spec_str, exc) from exc
+
+
+def _os_error(spec_str: str, source: str, local: bool, placement: dict[str, Any], exc: OSError) -> ModelLoadError:
+    """A file fault while loading, named where it is: the offload folder, the local model
+    folder, or (a hub id) the network."""
+    offload = placement.get("offload_folder")
+    where = str(exc.filename or "")
+    if offload is not None and (where == offload or where.startswith(offload.rstrip("/") + "/")):
+        return ModelLoadError(
+            f"offload_folder={offload} cannot be used to offload {spec_str!r}'s weights "
+            f"({exc.strerror or exc}); pass a folder you can write to: offload_folder=DIR"
+        )
+    if local:
+        return ModelLoadError(
+            f"could not load the model folder {source}: {exc}; fix or re-save that folder "
+            "(model.save_pretrained and tokenizer.save_pretrained write a complete one)"
+        )
+    return ModelLoadError(
+        f"could not load model {spec_str!r}: {exc}. Without network access use 'demo', "
+        "'smollm2', a .gguf file or a local folder"
+    )
 
 
 def _corrupt(spec_str: str, exc: BaseException) -> ModelLoadError:

@@ -109,6 +109,14 @@ class ChatTemplate:
                 f"{missing[0]!r} gave {texts[0][:80]!r}); pass a chat template that renders "
                 "message['content']"
             )
+        tails = [t[t.rindex(s) + len(s):] for s, t in zip(_SENTINELS, texts)]
+        if len(set(tails)) > 1:
+            raise TemplateError(
+                f"the chat template's text after the instruction differs between prompts ({tails[0]!r} "
+                f"after {_SENTINELS[0]!r}, {next(t for t in tails if t != tails[0])!r} after another), so "
+                "the post-instruction positions would mean different tokens for different prompts; pass "
+                "a template whose generation prompt (thinking block included) does not depend on the message"
+            )
         renders = [self._ids(t) for t in texts]
         n = 0
         while all(n < len(r) for r in renders) and len({r[-1 - n] for r in renders}) == 1:

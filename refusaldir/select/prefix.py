@@ -17,6 +17,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from refusaldir.models import has_recurrent_layers
+
 if TYPE_CHECKING:
     from refusaldir.models import ChatModel
 
@@ -53,7 +55,7 @@ class TokenizedSets:
             rows[name] = [r[m.bool()].tolist() for r, m in zip(enc["input_ids"], enc["attention_mask"])]
         everything = [r for rs in rows.values() for r in rs]
         k = 0
-        if share_prefix:
+        if share_prefix and not has_recurrent_layers(model.hf):  # a recurrent state cannot be shared
             shortest = min(len(r) for r in everything)
             limit = shortest - tpl.n_post - 1  # keep t_inst and the template tail in the suffix
             first = everything[0]

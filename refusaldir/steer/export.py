@@ -29,13 +29,13 @@ from refusaldir.directions import Direction, DirectionSet
 from refusaldir.io import dumps, prepare_out, staged_dir
 from refusaldir.models import stop_token_ids
 from refusaldir.steer.directions_io import as_direction, check_direction, vector_sha256
-from refusaldir.steer.orthogonalize import edited_parameters, orthogonalize_with_info
+from refusaldir.steer.orthogonalize import edit_records, edited_parameters, orthogonalize_with_info
 from refusaldir.version import __version__
 
 if TYPE_CHECKING:
     from refusaldir.models import ChatModel
 
-__all__ = ["PROVENANCE_FILE", "model_card", "provenance", "save_orthogonalized"]
+__all__ = ["PROVENANCE_FILE", "exactness", "model_card", "provenance", "save_orthogonalized"]
 
 PROVENANCE_FILE = "refusaldir_orthogonalization.json"
 
@@ -110,9 +110,27 @@ def provenance(
             "tensors_sha256": meta.get("tensors_sha256"),
         } if ds is not None else None,
         "edited_parameters": edited_parameters(ortho),
+        "edits": edit_records(ortho),
         "untied_embeddings": untied,
         "template": {"hash": model.template.hash, "system_prompt": model.template.system_prompt},
     }
+
+
+def exactness(edits: list[dict[str, Any]]) -> list[str]:
+    """The model card's statement of which edits equal hook ablation exactly and which do not."""
+    normed = [e for e in edits if e.get("through_norm")]
+    if not normed:
+        return ["**Exactness:** every edit is exact: this model's outputs equal directional "
+                "ablation of the direction at every layer (refusaldir's hooks), to float rounding.", ""]
+    layers = sorted({e["layer"] for e in normed})
+    return [
+        f"**Exactness:** {len(normed)} of the {len(edits)} edited writers (layers {layers[0]}–{layers[-1]}) "
+        "pass an RMS output norm before the residual stream (`z = γ ⊙ y / rms(y)`). They were "
+        "projected off `γ ⊙ u` instead of `u`, which removes the direction exactly from what "
+        "each sublayer adds to the residual stream, so the residual stream never carries it. The "
+        "norm's `rms(y)` changes with the edit, so these outputs approximate, and do not equal, "
+        "hook ablation (which projects the norm's output); the embedding and every other writer "
+        "are exact.", ""]
 
 
 def model_card(info: dict[str, Any]) -> str:
@@ -156,8 +174,11 @@ def model_card(info: dict[str, Any]) -> str:
         "The unembedding (`lm_head`) is unchanged"
         + (" (it was tied to the input embedding and has been untied)." if info["untied_embeddings"] else "."),
         "",
-        f"{len(edited)} parameters edited: `{edited[0]}`, … `{edited[-1]}`.",
+        f"{len(edited)} parameters edited: `{edited[0]}`, … `{edited[-1]}`"
+        " (for a mixture of experts: every expert's and shared expert's output projection; the "
+        "router is unchanged).",
         "",
+        *exactness(info.get("edits") or []),
         "## Source model",
         "",
         f"- spec: `{src['spec']}` ({src['architecture']}, {src['n_layers']} layers, "
