@@ -7,7 +7,8 @@ half-written file behind and two writers never interleave.
 - :func:`atomic_write_files` (and ``atomic_write_text/json/bytes`` for one file): temporary
   files in the same folder, ``fsync``, then ``os.replace`` of all of them or none.
 - :func:`staged_dir`: write a whole folder into a temporary sibling and swap it in at the end
-  (under :func:`folder_lock`, atomically where the OS can exchange two paths).
+  (under :func:`folder_lock`, atomically where the OS can exchange two paths); the next writer
+  removes what a killed one left (:func:`remove_stale`).
 - :func:`to_jsonable` / :func:`dumps`: strict JSON (NaN/inf become ``null``, tensors lists);
   :func:`read_json` / :func:`loads_strict` read it back, rejecting ``NaN``/``Infinity``.
 
@@ -44,7 +45,7 @@ from refusaldir.errors import ArtifactError
 __all__ = [
     "expand_user", "atomic_write_bytes", "atomic_write_files", "atomic_write_json", "atomic_write_text",
     "commit_dir", "dumps", "ensure_writable", "field_error", "folder_lock", "loads_strict",
-    "make_tmp_dir", "prepare_out", "read_json", "sha256_bytes", "sha256_file",
+    "make_tmp_dir", "prepare_out", "read_json", "remove_stale", "sha256_bytes", "sha256_file",
     "staged_dir", "tmp_file_in", "to_jsonable", "versions",
 ]
 
@@ -262,6 +263,33 @@ def make_tmp_dir(parent: str | os.PathLike[str], name: str) -> Path:
                             "--out folder") from exc
 
 
+def _claim(folder: Path) -> int | None:
+    """Lock ``folder`` (an open descriptor holding ``flock``) to mark it as a live writer's;
+    ``None`` when another process holds it."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def remove_stale(target: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary siblings of ``target`` (``.NAME.*.partial`` / ``.NAME.*.old``) that
+    no live writer holds: what a writer killed mid-way left. Call under :func:`folder_lock`
+    (writers create and claim theirs under it). Returns the folders removed."""
+    target = _norm(target)
+    removed: list[Path] = []
+    for path in [*target.parent.glob(f".{target.name}.*.partial"), *target.parent.glob(f".{target.name}.*.old")]:
+        fd = _claim(path) if path.is_dir() and not path.is_symlink() else None
+        if fd is not None:  # no live writer holds it
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            os.close(fd)
+    return removed
+
+
 @contextlib.contextmanager
 def folder_lock(target: str | os.PathLike[str]) -> Iterator[None]:
     """Exclusive advisory lock for writing ``target`` (a ``.<name>.lock`` file beside it).
@@ -389,7 +417,10 @@ def staged_dir(
     target = _norm(target)
     if not locked:
         prepare_out(target, force)
-    tmp = make_tmp_dir(target.parent, target.name)
+    with contextlib.nullcontext() if locked else folder_lock(target):
+        remove_stale(target)  # an interrupted writer's leftovers (its lock file goes with the lock)
+        tmp = make_tmp_dir(target.parent, target.name)
+        claim = _claim(tmp)
     try:
         yield tmp
         with contextlib.nullcontext() if locked else folder_lock(target):
@@ -403,6 +434,8 @@ def staged_dir(
         raise _disk_error(target, exc) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if claim is not None:
+            os.close(claim)
 
 
 def _norm(target: str | os.PathLike[str]) -> Path:

@@ -18,6 +18,7 @@ import typer
 from rich.table import Table
 
 from refusaldir.audit import REPORT_HTML, AuditConfig, audit
+from refusaldir.cli.combos import check_column, no_effect, read_directions
 from refusaldir.cli.common import (
     BatchOpt,
     ColumnOpt,
@@ -31,12 +32,12 @@ from refusaldir.cli.common import (
     load_prompt_set,
     model_options,
     out,
+    parse_ints,
     parse_layers,
     print_json,
 )
-from refusaldir.cli.outputs import check_apart, default_run
+from refusaldir.cli.outputs import AllowMismatchOpt, check_apart, default_run
 from refusaldir.cli.parsing import check_judge_spec
-from refusaldir.directions import DirectionSet
 from refusaldir.errors import ConfigError, PromptFileError
 from refusaldir.guard import GUARD_METHODS, LatentGuard
 from refusaldir.io import prepare_out, staged_dir
@@ -59,6 +60,7 @@ def audit_cmd(
     directions: Annotated[Path | None, typer.Option(help="reuse a direction folder from `refusaldir extract` (must match the model's weights)")] = None,
     selection: Annotated[Path | None, typer.Option(help="reuse a selection.json for --directions instead of selecting again")] = None,
     mode: Annotated[str, typer.Option(help="direction selection: cosine (output-free: needs no refusal tokens), fast (quickest: successive halving on bypass), or exact")] = "cosine",
+    refusal_tokens: Annotated[str | None, typer.Option(help="exact/fast mode: comma-separated token ids that start refusals (default: detected)")] = None,
     limit: Annotated[int, typer.Option(min=0, help="prompts per test set for the generation-based evaluation (0 = all)")] = 32,
     max_new_tokens: Annotated[int, typer.Option(help="tokens generated per prompt")] = 48,
     n_val: Annotated[int, typer.Option(help="validation prompts per class for selection and calibration")] = 32,
@@ -88,7 +90,20 @@ def audit_cmd(
         conditions=tuple(c.strip() for c in conditions.split(",") if c.strip()), add_coeff=add_coeff,
         k_max=k_max, judge=judge or default_judge(), cross_judges=tuple(c.strip() for c in cross_judge.split(",") if c.strip()),
         guard_method=guard_method, target_fpr=target_fpr, batch_size=batch_size, seed=seed,
+        select_options={"refusal_ids": ids} if (ids := parse_ints(refusal_tokens, "--refusal-tokens", "40,1263")) else {},
     )
+    if selection is not None and directions is None:
+        raise ConfigError("--selection reuses a selection of the directions it was made for; pass "
+                          "--directions RUN_FOLDER too, or drop --selection")
+    if mode == "cosine" and selection is None:
+        no_effect(["refusal_tokens"], "with --mode cosine (it scores no refusal tokens)",
+                  "use --mode exact or fast, or drop it")
+    if selection is not None:
+        no_effect(["mode", "refusal_tokens"], "with --selection (the selection is reused, not run)",
+                  "drop --mode, or drop --selection to select again")
+    if not set(cfg.conditions) & {"add", "subtract", "conditional"}:
+        no_effect(["add_coeff"], f"with --conditions {conditions} (no addition)",
+                  "add the add, subtract or conditional condition, or drop it")
     target = out_dir if out_dir is not None else _default_out(mo.model)
     prepare_out(target.expanduser(), force)  # fail before loading the model
     check_writable(target)
@@ -123,10 +138,20 @@ def guard_cmd(
     column: ColumnOpt = None,
     limit: Annotated[int | None, typer.Option(min=1, help="classify at most this many prompts from --prompts")] = None,
     batch_size: BatchOpt = "auto",
+    allow_model_mismatch: AllowMismatchOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Flag harmful prompts from the model's own harmfulness representation at t_inst."""
     items: list[str] = [t for t in (texts or [])]
+    if guard is not None:
+        no_effect(["directions", "method", "layers", "target_fpr", "harmful_val", "harmless_val", "save",
+                   "allow_model_mismatch"], "with --guard (a saved guard is used as it was fit)",
+                  "drop them, or drop --guard to fit a new guard")
+    if save is None:
+        no_effect(["force"], "without --save", "drop it")
+    if prompts is None:
+        no_effect(["column", "limit"], "without --prompts", "drop them, or pass --prompts FILE")
+    check_column(column, [prompts])
     if prompts is not None:
         items += list(load_prompt_set(prompts, column, limit, "--prompts"))
     if not items:
@@ -151,15 +176,19 @@ def guard_cmd(
     val_sets = None if guard is not None else (list(load_prompt_set(harmful_val, None, None, "--harmful-val")),
                                                list(load_prompt_set(harmless_val, None, None, "--harmless-val")))
     saved = LatentGuard.load(guard) if guard is not None else None
+    ds = read_directions(directions, "guard") if saved is None else None
+    missing = sorted(set(guard_layers or []) - set(ds.layers)) if ds is not None else []
+    if ds is not None and missing:  # checked before the model loads
+        raise ConfigError(f"--layers {layers}: layers {missing} are not in the directions in {directions} "
+                          f"(layers {ds.layers[0]}-{ds.layers[-1]}); pass layers from those")
     cm = mo.load()
     if saved is not None:
         g = saved
         g.check_model(cm)
     else:
-        ds = DirectionSet.load(directions)  # type: ignore[arg-type]
-        assert val_sets is not None
-        g = LatentGuard.fit(cm, ds, *val_sets, layers=guard_layers, method=method,
-                            target_fpr=target_fpr, batch_size=batch_size, progress=not as_json)
+        assert ds is not None and val_sets is not None
+        g = LatentGuard.fit(cm, ds, *val_sets, layers=guard_layers, method=method, target_fpr=target_fpr,
+                            batch_size=batch_size, progress=not as_json, strict_hash=not allow_model_mismatch)
         if save is not None:
             with staged_dir(save, force=force) as tmp:
                 g.save(tmp)

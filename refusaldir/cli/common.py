@@ -31,6 +31,7 @@ from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import jinja2
 import torch
 import typer
 from rich.console import Console
@@ -262,6 +263,12 @@ class ModelOptions:
                 f"chat template file {self.chat_template} is {'binary' if text.strip() else 'empty'}; "
                 "pass a Jinja chat template (text)"
             )
+        try:  # a syntax error is found here, before the model loads, naming the file
+            jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+        except jinja2.TemplateSyntaxError as exc:
+            if "generation" not in str(exc):  # transformers' own {% generation %} tag
+                raise TemplateError(f"--chat-template {self.chat_template}: Jinja syntax error on line "
+                                    f"{exc.lineno}: {exc.message}; fix the file") from None
         return text
 
     def check(self) -> None:
@@ -270,6 +277,13 @@ class ModelOptions:
         resolve_dtype(self.dtype, dev)
         parse_device_map(self.device_map)
         parse_max_memory(self.max_memory)
+        if self.device_map is None and (self.max_memory is not None or self.offload_folder is not None):
+            given = " and ".join(f for f, v in (("--max-memory", self.max_memory),
+                                                ("--offload-folder", self.offload_folder)) if v is not None)
+            raise ConfigError(f"{given} only {'apply' if ' and ' in given else 'applies'} to a model split with --device-map; add "
+                              f"--device-map auto (or a JSON map), or drop {given}")
+        if self.offload_folder is not None:
+            check_writable(self.offload_folder, "--offload-folder")
         self.template_text()
 
     def load(self) -> ChatModel:

@@ -100,6 +100,8 @@ def cli_message(message: str, flags: Mapping[str, str]) -> str:
             return f"no {f}"
         if re.fullmatch(r"'[^'\s]+'", value):
             value = value[1:-1]
+        if value.startswith("["):  # a list argument is a comma-separated option value
+            value = ",".join(v.strip(" '\"") for v in value[1:-1].split(",") if v.strip())
         return f"{f} {value}".rstrip()
 
     out = _ASSIGN.sub(sub, message)
@@ -118,12 +120,13 @@ def check_finite(values: Mapping[str, Any], flags: Mapping[str, str]) -> None:
 def environment_error(exc: BaseException) -> RefusalDirError | None:
     """A fault of the machine (full disk, read-only or forbidden path, out of memory) as a
     :class:`RefusalDirError` naming the fault and the fix; ``None`` for anything else."""
-    if isinstance(exc, OSError) and exc.errno is not None:
-        where = exc.filename or "a file"
-        if exc.errno in _DISK_FULL:
+    code = exc.errno if isinstance(exc, OSError) and exc.errno is not None else _errno_in_text(exc)
+    where = getattr(exc, "filename", None) or "a file"
+    if code is not None:
+        if code in _DISK_FULL:
             return ArtifactError(f"could not write {where}: the disk is full; free space or choose another --out")
-        if exc.errno in _NO_ACCESS:
-            why = "the file system is read-only" if exc.errno == errno.EROFS else "permission denied"
+        if code in _NO_ACCESS:
+            why = "the file system is read-only" if code == errno.EROFS else "permission denied"
             return ArtifactError(
                 f"could not access {where} ({why}); choose a folder you can write to, or fix its permissions"
             )
@@ -133,6 +136,29 @@ def environment_error(exc: BaseException) -> RefusalDirError | None:
             f"out of memory ({type(exc).__name__}); use --batch-size 1 or auto, a smaller --dtype "
             "(bfloat16), --device-map auto, or fewer prompts (--limit)"
         )
+    return None
+
+
+_ERRNO_TEXT = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+               "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES}
+
+
+def _errno_in_text(exc: BaseException) -> int | None:
+    """The errno of a file fault that a library reported as its own exception, not an OSError
+    (safetensors' ``SafetensorError``, torch's ``RuntimeError`` from its file writer): found by
+    the operating system's own wording, or Rust's ``Os { code: N``."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:  # the message, or a cause's
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc.errno
+        text = str(exc)
+        for words, code in _ERRNO_TEXT.items():
+            if words in text:
+                return code
+        if (m := re.search(r"Os \{ code: (\d+)", text)) and int(m[1]) in (*_DISK_FULL, *_NO_ACCESS):
+            return int(m[1])
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
     return None
 
 

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from refusaldir.cli import combos
 from refusaldir.cli.common import (
     BatchOpt,
     ColumnOpt,
@@ -34,7 +35,6 @@ from refusaldir.cli.common import (
     err,
     friendly,
     load_dataset_arg,
-    load_directions,
     load_prompt_set,
     model_options,
     out,
@@ -77,7 +77,6 @@ def extract_cmd(
     hook_point: Annotated[str, typer.Option(help="resid_pre, resid_mid or resid_post")] = "resid_pre",
     pos: Annotated[int, typer.Option(help="post-instruction position for the table (from the end)")] = -1,
     batch_size: BatchOpt = "auto",
-    seed: int = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """Extract per-layer refusal and harmfulness directions and report how well they separate."""
@@ -88,12 +87,16 @@ def extract_cmd(
         raise ConfigError(f"--pos {pos} must be a negative offset from the end of the prompt, e.g. -1")
     if hook_point not in RESID_POINTS:
         raise ConfigError(f"--hook-point {hook_point!r} must be one of {', '.join(RESID_POINTS)}")
+    combos.check_column(column, [harmful, harmless, harmful_test, harmless_test])
     sets = {k: load_prompt_set(v, column, limit, "--" + k.replace("_", "-")) for k, v in
             dict(harmful=harmful, harmless=harmless, harmful_test=harmful_test, harmless_test=harmless_test).items()}
     layer_sel: Any = "all" if layers == "all" else parse_layers(layers)
     cm = mo.load()
+    if pos not in cm.template.positions:  # the template is known now: checked before extraction
+        raise ConfigError(f"--pos {pos} is not a post-instruction position of {mo.model}'s chat template "
+                          f"(positions {cm.template.positions}); pass one of those, e.g. --pos -1")
     ds = extract_directions(cm, sets["harmful"], sets["harmless"], layers=layer_sel, hook_point=hook_point,
-                            batch_size=batch_size, seed=seed, progress=not as_json)
+                            batch_size=batch_size, progress=not as_json)
     rows = layer_stats(cm, ds, sets["harmful_test"], sets["harmless_test"], pos=pos,
                        batch_size=batch_size, progress=not as_json)
     ds.metadata["layer_stats"] = {"pos": pos, "rows": rows,
@@ -146,16 +149,23 @@ def generate_cmd(
     With --add LAYER:COEFF the direction comes from LAYER itself when a single layer is given
     (Arditi et al.'s activation addition); otherwise from --layer.
     """
+    combos.check_column(column, [prompts])
     texts = load_prompt_set(prompts, column, limit, "--prompts")
     adds = [parse_add(spec) for spec in add or []]  # checked before the model loads
-    if (ablate or add) and directions is None:
-        raise ConfigError("--ablate/--add needs --directions RUN_FOLDER (from `refusaldir extract`)")
+    if not (ablate or add):
+        combos.no_effect(["directions", "layer", "pos", "allow_model_mismatch"], "without --ablate or --add",
+                         "add --ablate or --add LAYER:COEFF, or drop them")
+    if not sample:
+        combos.no_effect(["temperature", "seed"], "with greedy decoding", "add --sample, or drop them")
     if sample and not temperature > 0:
         raise ConfigError(f"--temperature {temperature} must be > 0 with --sample")
+    ds = combos.read_directions(directions, "--ablate/--add") if ablate or add else None
+    if ds is not None:
+        combos.check_choice(ds, directions, layer, pos, [at for at, _ in adds])
     cm = mo.load()
     interventions: list[Intervention] = []
-    if ablate or add:
-        ds = load_directions(directions, cm, "--ablate/--add", allow_model_mismatch)
+    if ds is not None:
+        ds.check_model(cm, strict_hash=not allow_model_mismatch)
         p = direction_pos(ds, pos)
         if ablate:
             interventions.append(Ablation(ds.refusal_direction(direction_layer(cm, ds, layer, as_json), p)))
@@ -216,11 +226,12 @@ def orthogonalize_cmd(
     """
     prepare_out(out_dir.expanduser(), force)  # fail before loading the model
     check_writable(out_dir)
-    if directions is None:
-        raise ConfigError("orthogonalize needs --directions RUN_FOLDER (from `refusaldir extract`)")
+    combos.no_effect(["truncate_prompts"], "on orthogonalize (it encodes no prompts)", "drop it")
+    ds = combos.read_directions(directions, "orthogonalize")
     check_apart(out_dir, directions, example="ortho")
+    combos.check_choice(ds, directions, layer, pos)
     cm = mo.load()
-    ds = load_directions(directions, cm, "orthogonalize", allow_model_mismatch)
+    ds.check_model(cm, strict_hash=not allow_model_mismatch)
     direction = ds.refusal_direction(direction_layer(cm, ds, layer, as_json), direction_pos(ds, pos))
     with err.status(f"writing {out_dir} …"):
         folder = save_orthogonalized(cm, direction, out_dir, directions=ds, force=force)
@@ -279,6 +290,8 @@ def evaluate_cmd(
             f"conditions {[n for n in names if n in NEEDS_DIRECTIONS]} need --directions RUN_FOLDER "
             "(from `refusaldir extract`)"
         )
+    combos.evaluate_combos(names, NEEDS_DIRECTIONS, ("add", "subtract", "conditional"), dataset, harmful,
+                           harmless, borderline, column)
     sets = {"harmful": load_dataset_arg(harmful, dataset, column, limit, "--harmful"),
             "harmless": load_dataset_arg(harmless, None, column, limit, "--harmless")}
     if borderline:
@@ -291,8 +304,10 @@ def evaluate_cmd(
             text_body = text.read_text(encoding="utf-8", errors="replace")
         except OSError as exc:
             raise ConfigError(f"--text {text} cannot be read ({exc.strerror or exc}); check the path") from None
+    ds = combos.read_directions(directions, "evaluate") if directions is not None else None
     cm = mo.load()
-    ds = load_directions(directions, cm, "evaluate", allow_model_mismatch) if directions is not None else None
+    if ds is not None:
+        ds.check_model(cm, strict_hash=not allow_model_mismatch)
     res = evaluate(cm, ds, conditions=names, datasets=sets, judge=judge, cross_judges=crosses,
                    max_new_tokens=max_new_tokens,
                    batch_size=batch_size, add_coeff=add_coeff, text=text_body, progress=not as_json)
@@ -339,6 +354,7 @@ def select_cmd(
 ) -> None:
     """Pick the refusal direction (position × layer), explain why, and save the choice."""
     directions = directions if directions is not None else default_run(mo.model)
+    combos.select_combos(mode, column, harmful_val, harmless_val)
     cfg = SelectionConfig(
         mode=mode, method=method, n_val=n_val, kl_max=kl_max, max_layer_frac=max_layer_frac,
         induce_min=induce_min, positions=parse_ints(positions, "--positions", "-1,-5"),
@@ -351,8 +367,9 @@ def select_cmd(
     with torch_threads(threads):
         harmful = load_prompt_set(harmful_val, column, n_val, "--harmful-val")
         harmless = load_prompt_set(harmless_val, column, n_val, "--harmless-val")
+        ds = combos.read_directions(directions, "select")
         cm = mo.load()
-        ds = load_directions(directions, cm, "select", allow_model_mismatch)
+        ds.check_model(cm, strict_hash=not allow_model_mismatch)
         res = select_direction(cm, ds, harmful, harmless, cfg)
     ds.save(directions)
     path = res.save(directions)

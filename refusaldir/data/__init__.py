@@ -18,8 +18,9 @@ from refusaldir.data.prompts import (
     load_prompts,
     prompts_dir,
 )
+from refusaldir.data.readers import PromptCommentWarning
 
 __all__ = [
-    "SHIPPED", "SPLITS", "PromptSet", "as_prompt_list", "check_limit", "check_prompts", "load_dataset",
+    "SHIPPED", "SPLITS", "PromptCommentWarning", "PromptSet", "as_prompt_list", "check_limit", "check_prompts", "load_dataset",
     "load_prompts", "prompts_dir",
 ]

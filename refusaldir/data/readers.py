@@ -2,6 +2,10 @@
 malformations that would silently merge, split or mangle prompts (unbalanced CSV quotes,
 rows with the wrong number of fields, non-text prompt values, binary files).
 
+In a TXT file a line whose first non-blank character is ``#`` is a comment: it is skipped
+and counted, with a :class:`PromptCommentWarning` naming the file, the count and the first
+lines (a prompt that must start with ``#`` belongs in a JSONL, JSON or CSV file).
+
 Example:
     >>> merged_row("Say hi\\n2,harmless", 2)
     1
@@ -12,12 +16,31 @@ from __future__ import annotations
 import csv
 import io
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 from refusaldir.errors import PromptFileError
 
-__all__ = ["csv_rows", "merged_row", "prompt_text", "read_rows"]
+__all__ = ["PromptCommentWarning", "csv_rows", "merged_row", "prompt_text", "read_rows", "txt_lines"]
+
+
+class PromptCommentWarning(RuntimeWarning):
+    """Comment lines (``#``) of a TXT prompt file were skipped; the message counts them."""
+
+
+def txt_lines(path: Path, text: str) -> list[str]:
+    """The prompts of a TXT file: one a line, blank lines and ``#`` comment lines skipped (the
+    comments counted in a :class:`PromptCommentWarning`)."""
+    lines = [line.strip() for line in text.split("\n")]
+    comments = [n for n, line in enumerate(lines, 1) if line.startswith("#")]
+    if comments:
+        shown = ", ".join(map(str, comments[:5])) + (", …" if len(comments) > 5 else "")
+        warnings.warn(
+            f"{path}: skipped {len(comments)} comment line(s) starting with '#' (line{'s' if len(comments) > 1 else ''} {shown}); a TXT "
+            "prompt file treats them as comments — put a prompt that starts with '#' in a JSONL, "
+            "JSON or CSV file", PromptCommentWarning, stacklevel=4)
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 def csv_rows(path: Path, text: str) -> tuple[list[dict[str, Any]], list[int]]:
@@ -108,9 +131,7 @@ def read_rows(path: Path) -> tuple[list[Any], list[int] | None]:
         if not isinstance(data, list):
             raise PromptFileError(f"{path} holds {type(data).__name__}; expected a JSON list")
         return data, None
-    return [
-        line.strip() for line in text.split("\n") if line.strip() and not line.lstrip().startswith("#")
-    ], None
+    return txt_lines(path, text), None
 
 
 def prompt_text(value: Any, path: Path, where: str) -> str:

@@ -40,6 +40,7 @@ from refusaldir.io import (
     atomic_write_files,
     dumps,
     folder_lock,
+    remove_stale,
     sha256_file,
     staged_dir,
 )
@@ -267,6 +268,7 @@ class DirectionSet:
         files = {TENSORS_FILE: data, METADATA_FILE: dumps(meta, sort_keys=True).encode()}
         weights = (self.metadata.get("model") or {}).get("weights_hash")
         with folder_lock(out):
+            remove_stale(out)  # what a writer killed mid-save left beside the folder
             state = artifact.folder_state(out, sha, tensors, weights)
             if state == "same" and not overwrite:
                 if sha256_file(out / TENSORS_FILE) == sha:
@@ -354,6 +356,15 @@ class DirectionSet:
                 f"GGUF control vectors act on resid_pre; this set was captured at {self.hook_point}"
             )
         targets = list(layers) if layers is not None else [d.layer]
+        n_layers = (self.metadata.get("model") or {}).get("n_layers")
+        n_layers = n_layers if isinstance(n_layers, int) else self.layers[-1] + 1
+        outside = [t for t in targets if isinstance(t, bool) or not isinstance(t, int) or t >= n_layers]
+        if outside or len(set(targets)) != len(targets) or not targets:
+            raise ConfigError(
+                f"layers={list(targets)} must be distinct whole layer indices of the model, 1 to "
+                f"{n_layers - 1} (it has {n_layers} layers); a control vector for a layer outside it "
+                "would act on a wrong or missing layer — pass layers inside the model"
+            )
         for t in targets:
             if t < 1:
                 raise ConfigError(

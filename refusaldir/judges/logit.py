@@ -143,8 +143,8 @@ def find_refusal_tokens(
     if n_ref == 0:
         raise ConfigError(
             f"{model.spec} refused none of {len(harmful)} harmful prompts (judge: "
-            f"{settings['judge']}), so its refusal tokens cannot be detected; pass them "
-            "yourself (refusal_ids=[...]) or use the output-free cosine mode"
+            f"{settings['judge']}), so its refusal tokens cannot be detected; use the output-free "
+            "mode='cosine', or pass the ids of the tokens its refusals start with: refusal_ids=[ID, ...]"
         )
     keep = [
         t for t, c in ref.most_common()
@@ -153,8 +153,8 @@ def find_refusal_tokens(
     if not keep:
         raise ConfigError(
             f"every first token of {model.spec}'s refusals ({[decode([t]) for t in ref]}) is "
-            f"also common at the start of compliant answers to harmless prompts; pass "
-            "refusal_ids=[...] yourself or raise max_harmless_share"
+            f"also common at the start of compliant answers to harmless prompts; use the "
+            "output-free mode='cosine', or pass the ids yourself: refusal_ids=[ID, ...]"
         )
     examples = [{"prompt": p[:80], "response": r[:80]}
                 for p, r, lab in zip(harmful, harm_text, harm_labels) if lab == "refusal"][:3]
