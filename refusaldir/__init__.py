@@ -2,7 +2,7 @@
 
 The notebook API, one import away; every name also lives in its stage's subpackage
 (``refusaldir.models``, ``.data``, ``.directions``, ``.steer``, ``.generation``, ``.judges``,
-``.select``, ``.evaluate``, ``.guard``, ``.audit``; see docs/architecture.md). The two stage
+``.select``, ``.evaluate``, ``.guard``, ``.optimize``, ``.audit``; see docs/architecture.md). The two stage
 functions named like their packages are imported from them:
 ``from refusaldir.evaluate import evaluate`` and ``from refusaldir.audit import audit``.
 
@@ -28,12 +28,15 @@ from refusaldir.guard import LatentGuard
 from refusaldir.hooks import HookHandle, add_hooks, hook_name
 from refusaldir.judges import PhraseJudge, make_judge
 from refusaldir.models import ChatModel, ChatTemplate, load_model
+from refusaldir.optimize import OptimizeConfig, load_member, optimize_edit
 from refusaldir.select import SelectionConfig, SelectionResult, select_direction
 from refusaldir.stats import auroc, wilson_interval
 from refusaldir.steer import (
     Ablation,
     Addition,
     ConditionalSteering,
+    Edit,
+    Kernel,
     ablate,
     add,
     orthogonalize,
@@ -44,10 +47,10 @@ from refusaldir.version import __version__
 
 __all__ = [
     "Ablation", "Addition", "AuditConfig", "AuditReport", "ChatModel", "ChatTemplate", "Completion",
-    "ConditionalSteering", "Direction", "DirectionSet", "EvaluationResult", "HookHandle",
+    "ConditionalSteering", "Direction", "Edit", "Kernel", "OptimizeConfig", "DirectionSet", "EvaluationResult", "HookHandle",
     "LatentGuard", "PhraseJudge", "PromptSet", "RefusalDirError", "SelectionConfig",
     "SelectionResult", "__version__", "ablate", "add", "add_hooks", "auroc",
     "extract", "generate", "hook_name", "iter_activations", "layer_stats", "load_dataset",
-    "load_model", "load_prompts", "make_judge", "mean_activations", "orthogonalize", "project",
+    "load_member", "load_model", "load_prompts", "make_judge", "mean_activations", "optimize_edit", "orthogonalize", "project",
     "save_orthogonalized", "select_direction", "steer_if", "wilson_interval",
 ]

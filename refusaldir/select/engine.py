@@ -84,6 +84,15 @@ class ForwardEngine:
         """The batched prefix caches kept by :meth:`run_many` (newest last)."""
         return self.caches.banks
 
+    def continued(self, name: str, base: str, extra: Sequence[Sequence[int]]) -> None:
+        """Add set ``name``: the prompts of ``base`` each followed by the token ids ``extra[i]``
+        (e.g. a greedy continuation, scored with ``run(..., last_n=...)``)."""
+        rows = self.sets[base]
+        if len(extra) != len(rows.suffix):
+            raise ValueError(f"{len(extra)} continuations for {len(rows.suffix)} prompts of {base!r}")
+        self.sets[name] = PromptRows(name, list(rows.texts),
+                                     [list(s) + [int(t) for t in e] for s, e in zip(rows.suffix, extra)])
+
     # ------------------------------------------------------------------ batches
     def batches(self, ps: PromptRows, idx: Sequence[int]) -> Iterator[tuple[list[int], dict[str, Tensor]]]:
         for s in range(0, len(idx), self.batch_size):
@@ -165,6 +174,7 @@ class ForwardEngine:
         collect: tuple[list[int], list[int]] | None = None,
         collect_all: bool = False,
         want_logits: bool = True,
+        last_n: int = 1,
     ) -> tuple[Float[Tensor, "n vocab"] | None, Float[Tensor, "n layer pos d_model"] | None,
                list[Tensor] | None]:
         """Run ``fwd`` hooks over prompts ``idx`` of ``set_name``.
@@ -175,6 +185,8 @@ class ForwardEngine:
         suffix ``(n_layers, len, d)`` (model device and dtype). ``start_layer`` skips the
         blocks below it and feeds ``start_resid(rows, width)`` (the cached residual) into it.
 
+        ``last_n > 1`` returns the logits of the last ``last_n`` positions ``(n, last_n, vocab)``
+        (e.g. prompts followed by a continuation, for multi-token KL).
         Prompts are batched in order of suffix length (less padding); results come back in
         ``idx`` order. Several ablations at once, with early stops: :meth:`run_many`.
         """
@@ -231,7 +243,8 @@ class ForwardEngine:
                 if want_logits:
                     if out is None:
                         raise RuntimeError("forward stopped before the last layer")
-                    logits_out.append(final_logits(self.model, out.last_hidden_state[:, -1]))
+                    last = out.last_hidden_state[:, -last_n:] if last_n > 1 else out.last_hidden_state[:, -1]
+                    logits_out.append(final_logits(self.model, last))
                 if collect is not None:
                     acts_out.append(torch.stack(
                         [buf[layer][:, c_pos.to(buf[layer].device)].float().cpu() for layer in c_layers],

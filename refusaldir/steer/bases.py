@@ -39,7 +39,9 @@ SOURCES = ("selected", "per_layer")
 
 def orthonormal(vectors: Float[Tensor, "d_model k"], *, tol: float = 1e-6) -> Float[Tensor, "d_model r"]:
     """Gram–Schmidt in float64, in the given order; vectors (nearly) in the span of earlier
-    ones are dropped, so the first column is always the first vector's direction."""
+    ones are dropped, so the first column is always the first vector's direction. All-zero
+    input (e.g. ``resid_pre`` of layer 0 at a template token, the same for every prompt) gives
+    one zero column: nothing to remove there."""
     out: list[Tensor] = []
     for v in vectors.to(torch.float64).T:
         norm0 = v.norm()
@@ -48,7 +50,7 @@ def orthonormal(vectors: Float[Tensor, "d_model k"], *, tol: float = 1e-6) -> Fl
         if norm0 > 0 and v.norm() > tol * norm0:
             out.append(v / v.norm())
     if not out:
-        raise ConfigError("every direction of the edit is zero; check the direction set")
+        return torch.zeros(vectors.shape[0], 1, dtype=torch.float64)
     return torch.stack(out, dim=1)
 
 
