@@ -164,3 +164,91 @@ def test_borderline_halves_partition_the_set():
     assert s and t and not set(s) & set(t)
     with pytest.raises(ConfigError):
         borderline_half("val")
+
+
+# --------------------------------------------------------------------------- command line
+@pytest.fixture(scope="module")
+def cli_root(tmp_path_factory):
+    """A tiny model folder and its directions (with a selected direction)."""
+    import refusaldir as rd
+    from tiny import make_hf_model, make_tokenizer
+
+    root = tmp_path_factory.mktemp("optimize_cli")
+    tok = make_tokenizer("chatml")
+    hf = make_hf_model("qwen2", vocab_size=len(tok))
+    hf.generation_config.eos_token_id = tok.eos_token_id
+    hf.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    cm = rd.load_model(str(root / "model"))
+    d = extract(cm, HARMFUL, HARMLESS, progress=False)
+    d.select(-1, 2)
+    d.save(root / "run")
+    return root
+
+
+def _invoke(args):
+    from typer.testing import CliRunner
+
+    from refusaldir.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _error(r) -> str:
+    assert r.exit_code == 1, r.output
+    assert "Traceback" not in r.output and sum(ln.startswith("error:") for ln in r.output.splitlines()) == 1, r.output
+    return r.output
+
+
+def test_cli_optimize_resume_and_export_member(cli_root, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, run, opt = cli_root / "model", cli_root / "run", tmp_path / "opt"
+    common = ["--model", model, "--directions", run, "--out", opt, "--n-harmful", 4, "--n-harmless", 4,
+              "--n-borderline", 4, "--subspaces", "refusal,harmfulness", "--refusal-tokens", "5,6",
+              "--batch-size", 4]
+    r = _invoke(["optimize", *common, "--trials", 3, "--confirm", 0, "--json"])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(r.output)
+    assert rec["n_trials"] == 3 and rec["front"]
+    assert "already holds a study" in _error(_invoke(["optimize", *common, "--trials", 1, "--confirm", 0]))
+    r = _invoke(["optimize", *common, "--trials", 2, "--confirm", 0, "--resume", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["n_trials"] == 5
+    assert "another scoring" in _error(_invoke(["optimize", *common, "--kl-tokens", 2, "--trials", 1,
+                                                "--confirm", 0, "--resume"]))
+    front = opt / "front.json"
+    assert "has " in _error(_invoke(["orthogonalize", "--model", model, "--directions", run,
+                                     "--edit", f"{front}#99", "--out", tmp_path / "x"]))
+    assert "drop --layer" in _error(_invoke(["orthogonalize", "--model", model, "--directions", run,
+                                             "--edit", f"{front}#0", "--layer", 2, "--out", tmp_path / "x"]))
+    r = _invoke(["orthogonalize", "--model", model, "--directions", run, "--edit", f"{front}#0",
+                 "--out", tmp_path / "edited"])
+    assert r.exit_code == 0, r.output
+    card = (tmp_path / "edited" / "README.md").read_text()
+    assert "search (validation prompts, first token): refusal rate" in card and "attention-output strength" in card
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "edited")
+    import refusaldir as rd
+
+    cm = rd.load_model(str(model))
+    edit, _ = load_member(f"{front}#0", rd.DirectionSet.load(run))
+    enc = cm.template.encode(HARMLESS[:2])
+    with edit.apply(cm):
+        hooked = cm.hf(**enc).logits
+    assert (hooked - hf(**enc).logits)[enc["attention_mask"].bool()].abs().max() < 1e-4
+
+
+def test_cli_optimize_bad_input_before_the_model_loads(cli_root, tmp_path, monkeypatch):
+    import refusaldir.cli.common as common
+
+    def no_load(*a, **k):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(common, "load_model", no_load)
+    model, run = cli_root / "model", cli_root / "run"
+    base = ["optimize", "--model", model, "--directions", run, "--out", tmp_path / "o"]
+    assert "not an Optuna sampler" in _error(_invoke([*base, "--sampler", "annealing"]))
+    assert "subset" in _error(_invoke([*base, "--variants", "plain,rows"]))
+    assert "--resume" in _error(_invoke([*base, "--resume", "--force"]))
+    assert "no study" in _error(_invoke([*base, "--resume"]))
+    assert "--confirm 0" in _error(_invoke([*base, "--confirm", 0, "--judge", "phrase"]))

@@ -9,7 +9,8 @@ from refusaldir.cli.common import app
 from refusaldir.cli.main import main
 
 # isort: split
-# after main: registers `audit` and `guard`, so --help lists them last
-from refusaldir.cli import audit as audit
+# after main: registers `optimize`, then `audit` and `guard`, so --help lists them last
+from refusaldir.cli import optimize as optimize  # isort: skip
+from refusaldir.cli import audit as audit  # isort: skip
 
 __all__ = ["app", "main"]

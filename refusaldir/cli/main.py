@@ -44,6 +44,7 @@ from refusaldir.cli.common import (
     print_json,
     torch_threads,
 )
+from refusaldir.cli.export_member import export_member
 from refusaldir.cli.outputs import AllowMismatchOpt, check_apart, default_run
 from refusaldir.cli.parsing import check_judge_spec
 from refusaldir.directions import extract as extract_directions
@@ -55,7 +56,13 @@ from refusaldir.hooks import RESID_POINTS
 from refusaldir.io import prepare_out, staged_dir
 from refusaldir.judges import PhraseJudge
 from refusaldir.select import SelectionConfig, select_direction
-from refusaldir.steer import PROVENANCE_FILE, Ablation, Addition, Intervention, save_orthogonalized
+from refusaldir.steer import (
+    PROVENANCE_FILE,
+    Ablation,
+    Addition,
+    Intervention,
+    save_orthogonalized,
+)
 
 __all__ = ["main"]
 
@@ -216,6 +223,7 @@ def orthogonalize_cmd(
     directions: Annotated[Path | None, typer.Option(help="direction folder from `refusaldir extract`")] = None,
     layer: LayerOpt = None,
     pos: PosOpt = None,
+    edit: Annotated[str | None, typer.Option("--edit", help="export an optimiser front member instead of the rank-1 edit: runs/MODEL/optimize/front.json#N")] = None,
     force: ForceOpt = False,
     allow_model_mismatch: AllowMismatchOpt = False,
     as_json: JsonOpt = False,
@@ -224,6 +232,9 @@ def orthogonalize_cmd(
 
     The folder loads with plain transformers.AutoModelForCausalLM.from_pretrained.
     """
+    if edit is not None:
+        export_member(mo, out_dir, directions, edit, layer, pos, force, allow_model_mismatch, as_json)
+        return
     prepare_out(out_dir.expanduser(), force)  # fail before loading the model
     check_writable(out_dir)
     combos.no_effect(["truncate_prompts"], "on orthogonalize (it encodes no prompts)", "drop it")

@@ -36,6 +36,7 @@ from refusaldir.steer.directions_io import (
 )
 from refusaldir.steer.edit import MAX_WEIGHT, Edit, Kernel
 from refusaldir.steer.export import PROVENANCE_FILE, save_orthogonalized
+from refusaldir.steer.export_edit import save_edited
 from refusaldir.steer.interventions import ABLATION_POINTS, Ablation, Addition, Applied, ablate, add
 from refusaldir.steer.layers import default_layer, layer_scores
 from refusaldir.steer.ops import add_vector, project_out, project_out_rows, unit_vector
@@ -51,6 +52,7 @@ from refusaldir.steer.orthogonalize import (
 )
 
 __all__ = [
+    "save_edited",
     "MAX_WEIGHT", "SUBSPACES", "Edit", "Kernel", "edit_bases", "orthonormal", "live_writers",
     "ABLATION_POINTS", "PROVENANCE_FILE", "Ablation", "Addition", "Applied",
     "ConditionalSteering", "Intervention", "ablate", "add", "add_vector", "as_direction",
