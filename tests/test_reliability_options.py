@@ -164,14 +164,22 @@ def test_guard_mismatch_names_an_option_guard_has(root):
     assert r.exit_code == 0, r.output
 
 
-def test_no_refusal_tokens_message_names_this_commands_options(root, tmp_path):
-    """A tiny random model refuses nothing: exact-mode selection cannot find refusal tokens."""
-    for cmd in (["select", "--directions", root / "run-model", "--n-val", "2", "--bootstrap", "0"],
-                ["audit", "--mode", "exact", "--limit", "2", "--n-val", "2", "--judge", "phrase",
-                 "--out", tmp_path / "a"]):
-        out = _error(_invoke([*cmd, "--model", root / "model", "--batch-size", "2"]))
-        assert "--mode cosine" in out and "--refusal-tokens ID" in out and "refusal_ids" not in out, out
-    assert "--refusal-tokens" in _invoke(["audit", "--help"]).output
+def test_no_refusal_tokens_message_names_this_commands_options(root, monkeypatch):
+    """A model that refuses nothing: exact-mode selection cannot find refusal tokens (its
+    greedy openings are stubbed as empty, so the test does not spend a minute generating)."""
+    from refusaldir.cli.failures import cli_message, option_flags
+    from refusaldir.judges import find_refusal_tokens, logit
+
+    monkeypatch.setattr(logit, "_first_generated", lambda model, prompts, *a, **k: ([None] * len(prompts),
+                                                                                    [""] * len(prompts)))
+    with pytest.raises(ConfigError) as info:
+        find_refusal_tokens(rd.load_model(str(root / "model")), HARMFUL, HARMLESS, n=4)
+    audit_cmd = sys.modules["refusaldir.cli.audit"].audit_cmd
+    out = cli_message(str(info.value), option_flags(audit_cmd))  # what `audit --mode exact` prints
+    assert "--mode cosine" in out and "--refusal-tokens ID" in out and "refusal_ids" not in out, out
+    out = _error(_invoke(["select", "--directions", root / "run-model", "--n-val", "2", "--bootstrap", "0",
+                          "--model", root / "model", "--batch-size", "2"]))
+    assert "--mode cosine" in out and "--refusal-tokens ID" in out and "refusal_ids" not in out, out
 
 
 @pytest.mark.parametrize("text, match", [
@@ -217,7 +225,7 @@ def test_txt_comment_lines_are_counted_in_a_warning(tmp_path, root):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rd.load_prompts(tmp_path / "q.txt")
-    r = _invoke(["guard", "--model", root / "model", "--directions", root / "run-model", "-p", tmp_path / "p.txt"])
+    r = _invoke(["generate", "--model", root / "model", "-p", tmp_path / "p.txt", "--max-new-tokens", "1"])
     assert r.exit_code == 0 and "warning:" in r.output and "skipped 2 comment" in r.output, r.output
 
 
