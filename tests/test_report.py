@@ -249,3 +249,32 @@ def test_reused_selection_must_match(report, root, tmp_path):
     with pytest.raises(ArtifactError, match="does not exist"):
         audit(cm, tmp_path / "d", directions=first / "directions", selection=tmp_path / "nope.json",
               progress=False, **SMALL)
+
+
+def test_audit_reports_the_cheapest_optimised_edit_next_to_rank1(root, tmp_path):
+    from refusaldir.optimize import OptimizeConfig, optimize_edit
+
+    cm = rd.load_model(str(root / "model"))
+    ds = rd.DirectionSet.load(root / "run")
+    ds.select(-1, 2)
+    ds.save(tmp_path / "run")
+    ds = rd.DirectionSet.load(tmp_path / "run")
+    cfg = OptimizeConfig(n_trials=4, confirm=0, progress=False, subspaces=("refusal", "harmfulness"),
+                         n_harmful=4, n_harmless=4, n_borderline=2)
+    rec = optimize_edit(cm, ds, cfg, out=tmp_path / "opt", harmful=HARMFUL, harmless=HARMLESS,
+                        borderline=HARMLESS[:2], refusal_ids=[5, 6])
+    rep = audit(cm, tmp_path / "audit", directions=tmp_path / "run", harmful_val=HARMFUL, harmless_val=HARMLESS,
+                datasets=_datasets(), progress=False, front=str(tmp_path / "opt" / "front.json"), **SMALL)
+    o = rep.data["verdict"]["optimized"]
+    assert o["trial"] in [r["trial"] for r in rec["front"]]
+    assert "optimized" in rep.data["evaluation"]["conditions"] and "ablate" in rep.data["evaluation"]["conditions"]
+    assert o["harmful_refusal"]["n"] == rep.data["evaluation"]["conditions"]["ablate"]["datasets"]["harmful"]["refusal"]["n"]
+    assert "Cheapest optimised edit" in rep.headline()
+    other = rd.extract(cm, HARMFUL[:4], HARMLESS[:4], progress=False)
+    other.select(-1, 1)
+    other.save(tmp_path / "other")
+    with pytest.raises(ConfigError, match="other directions"):
+        audit(cm, tmp_path / "audit2", directions=tmp_path / "other", harmful_val=HARMFUL, harmless_val=HARMLESS,
+              datasets=_datasets(), progress=False, front=str(tmp_path / "opt" / "front.json"), **SMALL)
+    with pytest.raises(ConfigError, match="pass one of them"):
+        AuditConfig(front=str(tmp_path / "opt" / "front.json"), optimize_trials=3)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from refusaldir.batching import AUTO, BatchSize, check_batch_size
@@ -69,6 +70,8 @@ class AuditConfig:
     n_samples: int = 3
     seed: int = 0
     select_options: dict[str, Any] = field(default_factory=dict)
+    optimize_trials: int = 0
+    front: str | None = None
 
     def __post_init__(self) -> None:
         if self.judge is None:  # as in evaluate(judge=None): the default judge
@@ -86,6 +89,13 @@ class AuditConfig:
         bad_opts = sorted(set(self.select_options) - known)
         if bad_opts:
             raise ConfigError(f"unknown selection option(s) {bad_opts}; see refusaldir.select.SelectionConfig")
+        if not _whole(self.optimize_trials) or self.optimize_trials < 0:
+            raise ConfigError(f"optimize_trials={self.optimize_trials!r} must be a whole number >= 0 (0: no search)")
+        if self.front is not None and self.optimize_trials:
+            raise ConfigError("front= uses an existing optimiser front and optimize_trials= searches a new one; "
+                              "pass one of them")
+        if self.front is not None and not Path(str(self.front).rpartition("#")[0] or str(self.front)).is_file():
+            raise ConfigError(f"front={self.front!r} is not a file; pass runs/MODEL/optimize/front.json")
         if self.add_coeff is not None and (not _real(self.add_coeff) or not math.isfinite(self.add_coeff)):
             raise ConfigError(f"add_coeff={self.add_coeff!r} is not a finite number; pass a number or None to calibrate")
 

@@ -51,6 +51,7 @@ from refusaldir.audit.measure import (
     layer_table,
     project_sets,
 )
+from refusaldir.audit.optimized import optimized_condition
 from refusaldir.audit.summary import (
     directions_summary,
     model_summary,
@@ -61,7 +62,7 @@ from refusaldir.audit.verdict import headline_markdown, verdict
 from refusaldir.data import check_prompts
 from refusaldir.directions import DirectionSet, extract
 from refusaldir.errors import ArtifactError, ConfigError
-from refusaldir.evaluate import EvaluationResult, build_conditions, evaluate
+from refusaldir.evaluate import Condition, EvaluationResult, build_conditions, evaluate
 from refusaldir.guard import LatentGuard
 from refusaldir.io import atomic_write_files, atomic_write_text, dumps, staged_dir, to_jsonable
 from refusaldir.models import ChatModel, load_model
@@ -199,7 +200,7 @@ def _fit_guard(run: _Run, ds: DirectionSet) -> LatentGuard:
     return guard
 
 
-def _evaluate(run: _Run, ds: DirectionSet) -> tuple[EvaluationResult, list[str]]:
+def _evaluate(run: _Run, ds: DirectionSet, extra: Condition | None = None) -> tuple[EvaluationResult, list[str]]:
     """Evaluate every condition; without a given ``add_coeff``, a failed addition calibration
     drops the addition conditions with a note instead of failing the audit."""
     cfg, bs = run.cfg, run.cfg.batch_size
@@ -219,7 +220,7 @@ def _evaluate(run: _Run, ds: DirectionSet) -> tuple[EvaluationResult, list[str]]
     res = evaluate(run.model, ds, datasets=run.inp.tests, judge=cfg.judge, cross_judges=cfg.cross_judges,
                    max_new_tokens=cfg.max_new_tokens,
                    batch_size=bs, limit=cfg.limit, harmless_val=l_val, harmful_val=h_val,
-                   progress=run.progress, prebuilt=conds)
+                   progress=run.progress, prebuilt=conds + ([extra] if extra is not None else []))
     del conds
     res.save(run.tmp / "evaluation")
     return res, notes
@@ -250,6 +251,7 @@ class _Measured:
     notes: list[str]
     behaviour: dict[str, Any]
     conc: dict[str, Any]
+    optimized: dict[str, Any] | None = None
 
 
 def _report_data(run: _Run, m: _Measured, timings: dict[str, float]) -> dict[str, Any]:
@@ -273,6 +275,7 @@ def _report_data(run: _Run, m: _Measured, timings: dict[str, float]) -> dict[str
         "guard": {**m.guard.to_dict(), **m.guard_metrics, "behaviour": m.behaviour},
         "notes": m.notes,
     }
+    data["optimized"] = m.optimized
     data["verdict"] = verdict(data, run.cfg)
     data["timings"] = timings
     return to_jsonable(data)
@@ -301,14 +304,20 @@ def _run_stages(
         layers = layer_table(ds, proj, sel_pos)
         g_metrics = guard_summary(cm, guard, proj.guard_scores, ds.refusal_direction(sel_layer, sel_pos),
                                   inp.cap, cfg)
+    opt_cond, opt_info = None, None
+    if cfg.front is not None or cfg.optimize_trials:
+        with st.stage("optimize", "the cheapest optimised edit under the refusal threshold"):
+            opt_cond, opt_info = optimized_condition(
+                cm, ds, front=cfg.front, trials=cfg.optimize_trials, threshold=cfg.refusal_threshold,
+                folder=run.tmp / "optimize", seed=cfg.seed, progress=run.progress)
     with st.stage("evaluate", f"evaluating {', '.join(cfg.conditions)}"):
-        res, notes = _evaluate(run, ds)
+        res, notes = _evaluate(run, ds, opt_cond)
     with st.stage("behaviour", "behavioural refusal as a harmfulness classifier"):
         behaviour = behaviour_scores(cm, res, guard, proj.guard_scores, inp.cap, sel, (inp.h_val, inp.l_val),
                                      cfg, run.progress)
     with st.stage("concentration", "how many directions must be ablated"):
         conc = _concentration(run, ds, sel)
-    return _Measured(ds, sel, sel_result, guard, proj, layers, g_metrics, res, notes, behaviour, conc)
+    return _Measured(ds, sel, sel_result, guard, proj, layers, g_metrics, res, notes, behaviour, conc, opt_info)
 
 
 def audit(
@@ -357,7 +366,7 @@ def audit(
     cm: ChatModel = model if hasattr(model, "template") else load_model(model)  # type: ignore[assignment]
     inp = gather_inputs(cm, cfg, directions=directions, selection=selection, harmful_val=harmful_val,
                         harmless_val=harmless_val, datasets=datasets)
-    st = _Stages(con, 6 + (inp.ds is None) + (inp.reused is None))
+    st = _Stages(con, 6 + (inp.ds is None) + (inp.reused is None) + bool(cfg.front or cfg.optimize_trials))
     with staged_dir(target, force=force) as tmp:
         run = _Run(cm, cfg, inp, tmp, progress)
         measured = _run_stages(run, st, harmful_train, harmless_train)

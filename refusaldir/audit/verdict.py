@@ -25,6 +25,7 @@ import math
 from typing import Any
 
 from refusaldir.audit.config import AuditConfig
+from refusaldir.audit.optimized import optimized_verdict
 
 __all__ = ["headline_markdown", "num", "pct", "verdict"]
 
@@ -112,6 +113,7 @@ def verdict(data: dict[str, Any], cfg: AuditConfig) -> dict[str, Any]:
     conds = data["evaluation"]["conditions"]
     v: dict[str, Any] = {"thresholds": {"refusal": cfg.refusal_threshold, "kl": cfg.kl_threshold}}
     v["removable"] = _removable(conds, cfg)
+    v["optimized"] = optimized_verdict(conds, data.get("optimized"), cfg.refusal_threshold)
     v["concentration"] = _concentration(data["concentration"])
     v["harmfulness"] = _harmfulness(data["guard"])
     sel = data["selection"]["selected"]
@@ -136,6 +138,11 @@ def headline_markdown(data: dict[str, Any]) -> str:
         lines.append(f"- Refusal removable by a rank-1 edit: **{rem['answer']}** — harmful-prompt refusal "
                      f"{pct(rem['baseline_refusal'])} → {pct(rem['edited_refusal'])} ({rem['judged_on']}), "
                      f"KL on harmless prompts {num(rem['kl_harmless'], '.4f')}")
+    o = v.get("optimized")
+    if o:
+        lines.append(f"- Cheapest optimised edit ({o['n_trials']} trials, front of {o['front_size']}): "
+                     f"harmful-prompt refusal {pct(o['harmful_refusal'])}, KL {num(o['kl_harmless'], '.4f')}, "
+                     f"over-refusal {pct(o['over_refusal'])} — {o['describe']}")
     lines.append(f"- Directions needed to bring refusal below "
                  f"{100 * v['thresholds']['refusal']:.0f}%: **{v['concentration']['answer']}**")
     h = v["harmfulness"]

@@ -27,12 +27,18 @@ from refusaldir.optimize.front import (
 from refusaldir.optimize.objective import TrialScorer, multi_token_kl
 from refusaldir.optimize.prompts import borderline_half
 from refusaldir.optimize.run import optimize_edit
-from refusaldir.optimize.search import STUDY_FILE, check_study, pareto, search_front
+from refusaldir.optimize.search import (
+    STUDY_FILE,
+    check_study,
+    directions_sha256,
+    pareto,
+    search_front,
+)
 from refusaldir.optimize.space import build_edit, describe, rank1_params
 
 __all__ = [
     "FRONT_FILE", "SAMPLERS", "STUDY_FILE", "OptimizeConfig", "TrialScorer", "borderline_half",
-    "build_edit", "check_study", "choose_members", "confirm_front", "describe", "front_figure",
+    "build_edit", "check_study", "choose_members", "directions_sha256", "confirm_front", "describe", "front_figure",
     "front_markdown", "load_member", "make_sampler", "multi_token_kl", "optimize_edit", "pareto",
     "parse_member", "rank1_params", "save_front", "search_front",
 ]

@@ -17,7 +17,7 @@ from refusaldir.io import versions
 from refusaldir.optimize.config import OptimizeConfig
 from refusaldir.optimize.confirm import confirm_front
 from refusaldir.optimize.front import save_front
-from refusaldir.optimize.search import search_front
+from refusaldir.optimize.search import directions_sha256, search_front
 
 if TYPE_CHECKING:
     from refusaldir.models import ChatModel
@@ -49,8 +49,7 @@ def optimize_edit(
                        borderline=borderline, refusal_ids=refusal_ids)
     extra = rec.pop("_subspaces", None)
     rec.update(model=model.describe(), versions=versions(),
-               directions={"selected": ds.metadata.get("selected"),
-                           "tensors_sha256": ds.metadata.get("tensors_sha256")})
+               directions={"selected": ds.metadata.get("selected"), "sha256": directions_sha256(ds)})
     if cfg.confirm:
         t = time.perf_counter()
         test = test_sets or {}

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 
     from refusaldir.models import ChatModel
 
-__all__ = ["STUDY_FILE", "check_study", "open_study", "pareto", "search_front"]
+__all__ = ["STUDY_FILE", "check_study", "directions_sha256", "open_study", "pareto", "search_front"]
 
 log = logging.getLogger(__name__)
 STUDY_FILE = "study.db"
@@ -51,10 +52,20 @@ def _storage(out: Path) -> str:
     return f"sqlite:///{(out / STUDY_FILE).resolve()}"
 
 
+def directions_sha256(ds: DirectionSet) -> str:
+    """The identity of a direction set's numbers (its refusal and harmfulness tensors), the same
+    however often its metadata (e.g. a selection) is saved again."""
+    h = hashlib.sha256()
+    for t in (ds.refusal, ds.harmfulness):
+        if t is not None:
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def study_identity(ds: DirectionSet, cfg: OptimizeConfig) -> dict[str, Any]:
     """What a study must agree on to be continued: model weights, directions, scoring."""
     model = ds.metadata.get("model", {}) if isinstance(ds.metadata, dict) else {}
-    return {"weights_hash": model.get("weights_hash"), "directions_sha256": ds.metadata.get("tensors_sha256"),
+    return {"weights_hash": model.get("weights_hash"), "directions_sha256": directions_sha256(ds),
             "scoring": cfg.scoring()}
 
 
