@@ -71,6 +71,8 @@ def audit_cmd(
     cross_judge: Annotated[str, typer.Option(help="comma-separated cross-check judges; the audit flags more than 10% disagreement ('' for none)")] = "prefix",
     guard_method: Annotated[str, typer.Option(help="latent guard: projection or centroid")] = "projection",
     target_fpr: Annotated[float, typer.Option(help="latent guard false-positive rate on harmless val")] = 0.05,
+    front: Annotated[Path | None, typer.Option(help="an optimiser front.json (from `refusaldir optimize` on --directions): its cheapest member under 5% refusal is evaluated beside the rank-1 edit")] = None,
+    optimize_trials: Annotated[int, typer.Option(min=0, help="search this many optimiser trials inside the audit and evaluate the cheapest member under 5% refusal (0: off)")] = 0,
     batch_size: BatchOpt = "auto",
     seed: int = 0,
     as_json: JsonOpt = False,
@@ -90,8 +92,11 @@ def audit_cmd(
         conditions=tuple(c.strip() for c in conditions.split(",") if c.strip()), add_coeff=add_coeff,
         k_max=k_max, judge=judge or default_judge(), cross_judges=tuple(c.strip() for c in cross_judge.split(",") if c.strip()),
         guard_method=guard_method, target_fpr=target_fpr, batch_size=batch_size, seed=seed,
+        front=None if front is None else str(front), optimize_trials=optimize_trials,
         select_options={"refusal_ids": ids} if (ids := parse_ints(refusal_tokens, "--refusal-tokens", "40,1263")) else {},
     )
+    if front is not None and directions is None:
+        raise ConfigError("--front was optimised on a direction folder; pass that folder as --directions too")
     if selection is not None and directions is None:
         raise ConfigError("--selection reuses a selection of the directions it was made for; pass "
                           "--directions RUN_FOLDER too, or drop --selection")
