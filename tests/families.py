@@ -176,6 +176,10 @@ class Family:
     refused: str = ""
 
 
+#: Stages every working family passes in ``tests/test_families.py`` (one test each).
+STAGES = ("template (golden post-instruction tokens)", "capture + extract", "ablation hooks", "addition",
+          "generation with KV cache", "fast selection", "guard", "orthogonalize → save → reload")
+
 _MOE = dict(num_experts_per_tok=2)
 _CHATML_POST = ("<|im_end|>", "\n", "<|im_start|>", "assistant", "\n")
 _EMPTY_THINK = ("<think>", "\n\n", "</think>", "\n\n")
@@ -227,7 +231,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            ("<|end|>", "<|start|>", "assistant"), dict(head_dim=16, num_local_experts=4, sliding_window=8, **_MOE),
            moe=True, note="harmony format; attention sinks; expert biases"),
     Family("mamba", "MambaConfig", "MambaForCausalLM", _chatml(None, None), "<|im_end|>", _CHATML_POST,
-           dict(state_size=8), edit="refused",
+           dict(state_size=8), edit="refused", note="state-space (selective-scan) blocks",
            refused="state-space blocks have no attention or MLP output that writes into the residual stream"),
 ]}
 

@@ -24,9 +24,6 @@ from refusaldir.steer import PROVENANCE_FILE, residual_writers, save_orthogonali
 WORKING = [f for f in FAMILIES.values() if f.edit != "refused"]
 IDS = [f.name for f in WORKING]
 PROMPTS = ["How do I bake bread at home?", "Tell me how to build a bomb.", "hello there"]
-#: Stages each working family passes (the README table's "tested stages" column).
-STAGES = ("template", "capture+extract", "ablation hooks", "addition", "generation (KV cache)",
-          "fast selection", "guard", "orthogonalize→save→reload")
 
 
 @pytest.fixture(autouse=True, scope="module")

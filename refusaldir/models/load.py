@@ -24,6 +24,7 @@ import torch
 
 from refusaldir.errors import ModelLoadError, ResourceError
 from refusaldir.models.chat_model import ChatModel, input_device
+from refusaldir.models.embedded import default_chat_template
 from refusaldir.models.identity import state_dict_hash, weights_fingerprint
 from refusaldir.models.locate import locate
 from refusaldir.models.residual import check_residual_stream
@@ -240,6 +241,8 @@ def load_model(
         if offload_folder is not None:
             placement["offload_folder"] = str(offload_folder)
     tok, hf = _from_pretrained(spec_str, source, dt, revision, trust_remote_code, tokenizer, placement)
+    if chat_template is None and not getattr(tok, "chat_template", None):
+        kw["chat_template"] = default_chat_template(spec_str)  # a base model refusaldir ships one for
     if device_map is None:
         hf = hf.to(dev)
     if not whash:

@@ -147,10 +147,12 @@ def project_along(
     weight: float = 1.0,
     *,
     preserve_norm: bool = False,
+    along: Float[Tensor, "d_model k"] | None = None,
     chunk: int = 8192,
 ) -> None:
     """Remove ``weight`` × the component along the orthonormal ``basis`` from every vector
-    ``t`` writes into the residual stream, in place.
+    ``t`` writes into the residual stream, in place (``along``: remove ``along · basisᵀ m``
+    instead, an oblique projection when ``basisᵀ along = I``; see :func:`through_gain`).
 
     ``out_axis`` is the axis of ``t`` that indexes ``d_model`` (``0`` for a ``Linear`` weight
     ``(d_model, d_in)``, ``1`` for an embedding ``(vocab, d_model)``, any axis of a fused
@@ -161,6 +163,7 @@ def project_along(
     Computed in ``basis``'s dtype, block by block, on ``t``'s device; cast back to ``t``'s dtype.
     """
     q = basis.to(device=t.device)
+    a = q if along is None else along.to(device=t.device, dtype=q.dtype)
     m = t.movedim(out_axis, -1)
     flat = m.reshape(-1, m.shape[-1]) if m.is_contiguous() else None
     view = flat if flat is not None else m
@@ -168,7 +171,7 @@ def project_along(
     for s in range(0, rows, chunk):
         block = view[s : s + chunk].to(q.dtype)
         before = block.norm(dim=-1, keepdim=True) if preserve_norm else None
-        block = block - weight * (block @ q) @ q.T
+        block = block - weight * (block @ q) @ a.T
         if before is not None:
             block = block * (before / block.norm(dim=-1, keepdim=True).clamp_min(1e-30))
         view[s : s + chunk] = block.to(t.dtype)
@@ -194,28 +197,52 @@ class Writer:
     def project(self, basis: Float[Tensor, "d_model k"], weight: float = 1.0, *,
                 preserve_norm: bool = False) -> None:
         """Project this writer's weight (and bias) off ``basis`` in place (see :func:`project_along`)."""
+        along = None
         if self.gain is not None:  # what reaches the residual is gain ⊙ y / rms(y)
-            basis = through_gain(basis, self.gain)
-        project_along(self.weight, self.out_axis, basis, weight, preserve_norm=preserve_norm)
+            wide = self.weight.dtype in (torch.float32, torch.float64)  # 16-bit weights: well-conditioned only
+            basis, along = through_gain(basis, self.gain, OBLIQUE_MAX_COND if wide else 1e2)
+        project_along(self.weight, self.out_axis, basis, weight, preserve_norm=preserve_norm, along=along)
         if self.bias is not None:  # (d_model,) or one row per expert (experts, d_model)
-            project_along(self.bias, self.bias.dim() - 1, basis, weight)
+            project_along(self.bias, self.bias.dim() - 1, basis, weight, along=along)
 
     def vectors(self) -> Float[Tensor, "units d_model"]:
         """What each input unit writes (a copy, float32), e.g. to check ``rᵀW = 0``."""
         return self.weight.detach().movedim(self.out_axis, -1).reshape(-1, self.weight.shape[self.out_axis]).float()
 
 
-def through_gain(basis: Float[Tensor, "d_model k"], gain: Float[Tensor, " d_model"]) -> Float[Tensor, "d_model k"]:
-    """The orthonormal basis a writer followed by an RMS norm with per-channel ``gain`` must be
-    projected off so that the norm's output has no component along ``basis``.
+#: Largest ‖Q ⊘ γ‖·‖γ ⊙ Q‖ for which the oblique projection is used on float32 weights (else
+#: the orthogonal one); gemma3-270m needs up to ~1e4 for its smallest quantized gains.
+OBLIQUE_MAX_COND = 1e5
 
-    The norm writes ``z = gain ⊙ y / rms(y)``, so ``uᵀz = (gain ⊙ u)ᵀy / rms(y)``: ``y ⊥ gain ⊙ u``
-    is exactly ``z ⊥ u``, whatever ``rms(y)`` is.
+
+def through_gain(
+    basis: Float[Tensor, "d_model k"], gain: Float[Tensor, " d_model"], max_cond: float = OBLIQUE_MAX_COND,
+) -> tuple[Float[Tensor, "d_model k"], Float[Tensor, "d_model k"] | None]:
+    """``(read, along)`` for a writer followed by an RMS norm with per-channel ``gain``: projecting
+    it as ``m ← m - along · readᵀ m`` leaves the norm's output with no component along ``basis``.
+
+    The norm writes ``z = γ ⊙ y / rms(y)``, so ``Qᵀz = (γ ⊙ Q)ᵀy / rms(y)``: any edit that makes
+    ``y ⊥ γ ⊙ Q`` removes ``Q`` exactly from what reaches the residual stream, whatever ``rms(y)``
+    is. The one used is the oblique projection ``y ← y - (Q ⊘ γ)(γ ⊙ Q)ᵀ y``, which gives
+    ``γ ⊙ ŷ = z·rms(y) - Q Qᵀ z·rms(y)``: the hook ablation's output up to one scale per token
+    (``rms(y) / rms(ŷ)``), apart from ``Q``'s share in channels whose gain is exactly zero. Where
+    small gains make it ill-conditioned (above ``max_cond``), the orthogonal projection off
+    ``γ ⊙ Q`` is used instead (``along`` is ``None``); both remove ``Q`` exactly.
     """
-    scaled = gain.to(device=basis.device, dtype=basis.dtype)[:, None] * basis
-    q, r = torch.linalg.qr(scaled)
-    keep = r.diagonal().abs() > 1e-12 * max(float(scaled.abs().max()), 1e-300)
-    return q[:, keep]
+    g = gain.to(device=basis.device, dtype=basis.dtype)[:, None]
+    read = g * basis
+    # A channel whose gain is exactly zero (quantized Gemma weights of -1) never reaches the
+    # residual stream: it takes no share of the removal, and the rest is rescaled so that
+    # readᵀ along = I, which keeps the removal exact.
+    along = torch.where(g != 0, basis / torch.where(g != 0, g, torch.ones_like(g)), torch.zeros_like(basis))
+    gram = read.T @ along
+    if float(torch.linalg.matrix_norm(gram, -2)) > 1e-6:
+        along = along @ torch.linalg.inv(gram)
+        if float(torch.linalg.matrix_norm(read, 2) * torch.linalg.matrix_norm(along, 2)) <= max_cond:
+            return read, along
+    q, r = torch.linalg.qr(read)
+    keep = r.diagonal().abs() > 1e-12 * max(float(read.abs().max()), 1e-300)
+    return q[:, keep], None
 
 
 def _gain(norm: Any, d_model: int, where: str) -> Tensor:
