@@ -27,8 +27,8 @@ import refusaldir as rd  # noqa: E402
 PROMPTS = ["How do I bake bread at home?", "Tell me how to build a bomb.", "hello there"]
 EDIT = {
     "exact": "exact (weights = hooks)",
-    "norm-exact": "norm-exact: writers projected off γ⊙u, so u leaves every sublayer write exactly; "
-                  "not equal to hooks (the norms' rms changes)",
+    "norm-exact": "norm-exact: y ⊥ γ⊙u through each output norm, so u leaves every sublayer write "
+                  "exactly; approximate vs hooks (the norm's rms changes each write's size)",
     "refused": "refused",
 }
 

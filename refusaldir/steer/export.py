@@ -126,11 +126,12 @@ def exactness(edits: list[dict[str, Any]]) -> list[str]:
     return [
         f"**Exactness:** {len(normed)} of the {len(edits)} edited writers (layers {layers[0]}–{layers[-1]}) "
         "pass an RMS output norm before the residual stream (`z = γ ⊙ y / rms(y)`). They were "
-        "projected off `γ ⊙ u` instead of `u`, which removes the direction exactly from what "
-        "each sublayer adds to the residual stream, so the residual stream never carries it. The "
-        "norm's `rms(y)` changes with the edit, so these outputs approximate, and do not equal, "
-        "hook ablation (which projects the norm's output); the embedding and every other writer "
-        "are exact.", ""]
+        "edited so that `y ⊥ γ ⊙ u` (the oblique projection `y - (u ⊘ γ)(γ ⊙ u)^T y`), which "
+        "removes the direction exactly from what each sublayer adds to the residual stream, so "
+        "the residual stream never carries it, and points each write where hook ablation's "
+        "points. The norm's `rms(y)` changes with the edit, so the size of each write, and so "
+        "the outputs, approximate and do not equal hook ablation (which projects the norm's "
+        "output); the embedding and every other writer are exact.", ""]
 
 
 def model_card(info: dict[str, Any]) -> str:

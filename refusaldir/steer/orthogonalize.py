@@ -2,9 +2,14 @@
 
 For a unit direction ``u`` every matrix that writes into the residual stream is projected:
 the input embedding ``E ← E - (E u) uᵀ``, each attention output ``W_O ← W_O - u (uᵀ W_O)`` and
-each MLP output ``W_down ← W_down - u (uᵀ W_down)`` (biases ``b ← b - (b·u) u``). The residual
-stream then never holds a component along ``u``, which is what :class:`~refusaldir.steer.
-Ablation` does with hooks at every layer. The unembedding is not edited (the
+each MLP output ``W_down ← W_down - u (uᵀ W_down)`` (biases ``b ← b - (b·u) u``); for a mixture
+of experts every expert's and shared expert's output projection (fused 3-D tensors included; the
+router is untouched), for hybrid models the linear-attention output. The residual stream then
+never holds a component along ``u``, which is what :class:`~refusaldir.steer.Ablation` does with
+hooks at every layer: the weights equal the hooks. Where a sublayer's output passes an RMS norm
+before the residual add (Gemma 2/3, OLMo 2) the writer is edited so the norm's output has no
+``u`` component (:func:`through_gain`): exact removal, but the norm's rescaling makes the
+outputs differ from hook ablation (the export's model card says which edits are which). The unembedding is not edited (the
 hook ablation never touches it either): when the input and output embeddings are tied they
 are untied first, and only the input embedding is edited.
 
