@@ -170,8 +170,9 @@ def test_borderline_halves_partition_the_set():
 @pytest.fixture(scope="module")
 def cli_root(tmp_path_factory):
     """A tiny model folder and its directions (with a selected direction)."""
-    import refusaldir as rd
     from tiny import make_hf_model, make_tokenizer
+
+    import refusaldir as rd
 
     root = tmp_path_factory.mktemp("optimize_cli")
     tok = make_tokenizer("chatml")

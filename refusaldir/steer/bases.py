@@ -171,8 +171,9 @@ def _basis(at, layer: float, r: Tensor, h: Tensor | None, mean: Tensor | None, p
         if layer_i not in extra.layers:
             raise ConfigError(f"layer {layer_i} has no captured subspace (layers {extra.layers})")
         cand = table[:, extra.layers.index(layer_i)].to(torch.float64)  # (n, d)
-        u = vecs[0] / vecs[0].norm()
-        cand = cand - (cand @ u)[:, None] * u  # off the refusal direction
+        if vecs[0].norm() > 0:
+            u = vecs[0] / vecs[0].norm()
+            cand = cand - (cand @ u)[:, None] * u  # off the refusal direction
         _, _, vh = torch.linalg.svd(cand, full_matrices=False)
         vecs += list(vh[: k - 1])
     if projected:
