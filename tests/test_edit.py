@@ -210,3 +210,30 @@ def test_edit_on_meta_device_builds_hooks_without_weights():
     writers = residual_writers(hf)
     assert [w.point for w in writers[:3]] == ["embed", "attn_out", "mlp_out"]
     assert all(isinstance(w, Writer) and w.weight.device.type == "meta" for w in writers)
+
+
+@pytest.mark.parametrize("variant", ["per-layer-kernel", "norm-preserving", "harmfulness-subspace"])
+def test_hooks_equal_weights_on_a_model_split_across_memory_and_disk(variant, tmp_path_factory, tol):
+    import refusaldir as rd
+    from tiny import make_hf_model, make_tokenizer
+
+    root = tmp_path_factory.mktemp("split_edit")
+    tok = make_tokenizer("chatml")
+    hf = make_hf_model("qwen2", vocab_size=len(tok))
+    hf.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    whole = rd.load_model(str(root / "model"), dtype="float32", device="cpu")
+    n = whole.n_layers
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
+                  **{f"model.layers.{i}": "cpu" if i < n // 2 else "disk" for i in range(n)}}
+    split = rd.load_model(str(root / "model"), dtype="float32", device_map=device_map,
+                          offload_folder=root / "offload")
+    assert split.hf.hf_device_map[f"model.layers.{n - 1}"] == "disk"
+    edit = Edit.from_directions(_dirset(whole), n, **VARIANTS[variant])
+    with edit.apply(whole):
+        want, mask = _logits(whole)
+    with edit.apply(split):
+        got, _ = _logits(split)
+    baked, _ = _logits(split, edit.orthogonalize(split)[0])
+    assert (got - want)[mask].abs().max() <= tol(1e-5)
+    assert (baked - want)[mask].abs().max() <= tol(1e-4)
