@@ -170,8 +170,15 @@ def search_front(
     borderline = list(borderline if borderline is not None else borderline_half("search"))[: cfg.n_borderline]
     t0 = time.perf_counter()
     if refusal_ids is None:
-        refusal_ids = find_refusal_tokens(model, harmful, harmless, n=min(32, len(harmful)),
-                                          batch_size=cfg.batch_size).ids
+        try:
+            refusal_ids = find_refusal_tokens(model, harmful, harmless, n=min(32, len(harmful)),
+                                              batch_size=cfg.batch_size).ids
+        except ConfigError as exc:
+            raise ConfigError(
+                f"the optimiser scores refusal by the tokens refusals start with, and they could not be "
+                f"detected ({str(exc).split(';')[0]}); pass them: refusal_ids=[...] (--refusal-tokens ID,...), "
+                "e.g. the ids of 'I' and 'Sorry' in this tokenizer"
+            ) from exc
     study = open_study(out, ds, cfg, resume=resume)
     extra = _load_subspaces(model, ds, cfg, out)
     scorer = TrialScorer(model, cfg, harmful, harmless, borderline, refusal_ids)
