@@ -214,8 +214,9 @@ def test_edit_on_meta_device_builds_hooks_without_weights():
 
 @pytest.mark.parametrize("variant", ["per-layer-kernel", "norm-preserving", "harmfulness-subspace"])
 def test_hooks_equal_weights_on_a_model_split_across_memory_and_disk(variant, tmp_path_factory, tol):
-    import refusaldir as rd
     from tiny import make_hf_model, make_tokenizer
+
+    import refusaldir as rd
 
     root = tmp_path_factory.mktemp("split_edit")
     tok = make_tokenizer("chatml")
