@@ -133,9 +133,8 @@ def test_kernel_shape_and_checks(qwen):
         Kernel(1, 2.0, 1)
     with pytest.raises(ConfigError, match="width"):
         Kernel(1, 1.0, 0)
-    edit = Edit.from_directions(_dirset(qwen), qwen.n_layers, attn=Kernel(qwen.n_layers + 3, 1.0, 1.0))
-    with pytest.raises(ConfigError, match="outside the model's layers"):
-        edit.apply(qwen)
+    with pytest.raises(ConfigError, match="outside the model's layers"):  # before any model is involved
+        Edit.from_directions(_dirset(qwen), qwen.n_layers, attn=Kernel(qwen.n_layers + 3, 1.0, 1.0))
 
 
 def test_bases_sources_and_subspaces(qwen):
@@ -188,15 +187,22 @@ def test_record_round_trip_and_mismatch(qwen):
 
 
 def test_generation_with_kv_cache_under_edit_matches_weights(qwen):
-    edit = Edit.from_directions(_dirset(qwen), qwen.n_layers, source="per_layer", attn=Kernel(1, 1.0, 1))
+    edit = Edit.from_directions(_dirset(qwen), qwen.n_layers, source="per_layer", attn=Kernel(1, 1.0, 1),
+                                preserve_norm=True)
     with edit.apply(qwen):
-        hooked = [c.completion for c in generate(qwen, PROMPTS, max_new_tokens=6, progress=False)]
-    assert len(hooked) == len(PROMPTS)
-    base = [c.completion for c in generate(qwen, PROMPTS, max_new_tokens=6, progress=False)]
+        hooked = [c.completion for c in generate(qwen, PROMPTS, max_new_tokens=8, progress=False)]
+    base = [c.completion for c in generate(qwen, PROMPTS, max_new_tokens=8, progress=False)]
     assert hooked != base
+    enc = qwen.template.encode(PROMPTS)
+    baked = edit.orthogonalize(qwen)[0]
+    with torch.no_grad():
+        ids = baked.generate(**enc, max_new_tokens=8, do_sample=False, eos_token_id=qwen.tokenizer.eos_token_id,
+                             pad_token_id=qwen.tokenizer.pad_token_id)
+    texts = qwen.tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert [t.strip() for t in texts] == [h.strip() for h in hooked]
 
 
-def test_edit_on_meta_device_builds_hooks_without_weights():
+def test_residual_writers_of_a_meta_skeleton_need_no_weights():
     from transformers import Qwen2Config
 
     from refusaldir.steer import Writer

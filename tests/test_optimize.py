@@ -60,10 +60,10 @@ def _key(rows):
 
 
 def test_fixed_seed_gives_the_same_front(qwen, ds, tmp_path):
-    a = _search(qwen, ds, tmp_path / "a")
-    b = _search(qwen, ds, tmp_path / "b")
+    a = _search(qwen, ds, tmp_path / "a", n_trials=12)  # past TPE's 8 random start-up trials
+    b = _search(qwen, ds, tmp_path / "b", n_trials=12)
     assert _key(a["trials"]) == _key(b["trials"]) and _key(a["front"]) == _key(b["front"])
-    c = _search(qwen, ds, tmp_path / "c", seed=4)
+    c = _search(qwen, ds, tmp_path / "c", seed=4, n_trials=12)
     assert _key(c["trials"][1:]) != _key(a["trials"][1:])
     assert a["trials"][0]["rank1"] and a["rank1"]["params"]["attn_floor"] == 1.0
 
@@ -147,7 +147,9 @@ def test_optimize_edit_writes_front_and_members_rebuild(qwen, ds, tmp_path, tol)
 def test_bad_input_is_one_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="not an Optuna sampler"):
         OptimizeConfig(sampler="simulated-annealing")
-    assert OptimizeConfig(sampler="CmaEsSampler").sampler == "CmaEsSampler"
+    assert OptimizeConfig(sampler="NSGAIISampler").sampler == "NSGAIISampler"
+    with pytest.raises(ConfigError, match="two objectives"):
+        OptimizeConfig(sampler="CmaEsSampler")
     with pytest.raises(ConfigError, match="subset"):
         OptimizeConfig(subspaces=("refusal", "svd"))
     with pytest.raises(ConfigError, match="n_trials"):
@@ -218,6 +220,10 @@ def test_cli_optimize_resume_and_export_member(cli_root, tmp_path):
     assert json.loads(r.output)["n_trials"] == 5
     assert "another scoring" in _error(_invoke(["optimize", *common, "--kl-tokens", 2, "--trials", 1,
                                                 "--confirm", 0, "--resume"]))
+    (opt / "notes.txt").write_text("mine")
+    r = _invoke(["optimize", *common, "--trials", 1, "--confirm", 0, "--force", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["n_trials"] == 1 and (opt / "notes.txt").read_text() == "mine"
     front = opt / "front.json"
     assert "has " in _error(_invoke(["orthogonalize", "--model", model, "--directions", run,
                                      "--edit", f"{front}#99", "--out", tmp_path / "x"]))
@@ -252,4 +258,53 @@ def test_cli_optimize_bad_input_before_the_model_loads(cli_root, tmp_path, monke
     assert "subset" in _error(_invoke([*base, "--variants", "plain,rows"]))
     assert "--resume" in _error(_invoke([*base, "--resume", "--force"]))
     assert "no study" in _error(_invoke([*base, "--resume"]))
+    assert "would replace the --directions folder" in _error(_invoke(
+        ["optimize", "--model", model, "--directions", run, "--out", run, "--force"]))
+    assert run.exists() and (run / "directions.safetensors").exists()
     assert "--confirm 0" in _error(_invoke([*base, "--confirm", 0, "--judge", "phrase"]))
+
+
+def test_interrupted_rank1_trial_is_run_again_on_resume(qwen, ds, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = TrialScorer.score
+
+    def flaky(self, edit):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        return real(self, edit)
+
+    monkeypatch.setattr(TrialScorer, "score", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        _search(qwen, ds, tmp_path, n_trials=2)
+    again = search_front(qwen, ds, _cfg(n_trials=2), out=tmp_path, resume=True, harmful=HARMFUL,
+                         harmless=HARMLESS, borderline=BORDER, refusal_ids=[5, 6, 7])
+    assert again["rank1"] is not None and again["rank1"]["params"]["attn_floor"] == 1.0
+
+
+def test_norm_preserving_is_left_out_where_it_has_no_hook_form(tmp_path):
+    from families import FAMILIES, make_family_model
+
+    model = make_family_model(FAMILIES["gemma2"])
+    d = extract(model, HARMFUL, HARMLESS, progress=False)
+    d.select(-1, 1)
+    assert not Edit.preserve_norm_hookable(model)
+    rec = search_front(model, d, _cfg(n_trials=6, variants=("norm_preserving", "plain")), out=tmp_path,
+                       harmful=HARMFUL, harmless=HARMLESS, borderline=BORDER, refusal_ids=[5, 6, 7])
+    assert rec["config"]["variants"] == ["plain"] and rec["config"]["extra"]["dropped_variants"] == ["norm_preserving"]
+    with pytest.raises(ConfigError, match="no hook form"):
+        search_front(model, d, _cfg(n_trials=1, variants=("norm_preserving",)), out=tmp_path / "b",
+                     harmful=HARMFUL, harmless=HARMLESS, borderline=BORDER, refusal_ids=[5, 6, 7])
+
+
+def test_a_member_is_not_rebuilt_on_other_directions(qwen, ds, tmp_path):
+    optimize_edit(qwen, ds, _cfg(n_trials=2), out=tmp_path, harmful=HARMFUL, harmless=HARMLESS,
+                  borderline=BORDER, refusal_ids=[5, 6, 7])
+    other = extract(qwen, HARMFUL[:3], HARMLESS[:3], progress=False)
+    other.select(-1, 2)
+    with pytest.raises(ConfigError, match="other directions"):
+        load_member(f"{tmp_path / 'front.json'}#0", other)
+    reselected = extract(qwen, HARMFUL, HARMLESS, progress=False)
+    reselected.select(-1, 1)  # same numbers, another selection: "the selected direction" changed
+    with pytest.raises(ConfigError, match="another selection"):
+        load_member(f"{tmp_path / 'front.json'}#0", reselected)

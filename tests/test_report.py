@@ -251,30 +251,33 @@ def test_reused_selection_must_match(report, root, tmp_path):
               progress=False, **SMALL)
 
 
-def test_audit_reports_the_cheapest_optimised_edit_next_to_rank1(root, tmp_path):
+def test_audit_reports_the_cheapest_optimised_edit_next_to_rank1(report, root, tmp_path):
     from refusaldir.optimize import OptimizeConfig, optimize_edit
 
+    _, first = report
     cm = rd.load_model(str(root / "model"))
-    ds = rd.DirectionSet.load(root / "run")
-    ds.select(-1, 2)
-    ds.save(tmp_path / "run")
-    ds = rd.DirectionSet.load(tmp_path / "run")
-    cfg = OptimizeConfig(n_trials=4, confirm=0, progress=False, subspaces=("refusal", "harmfulness"),
+    ds = rd.DirectionSet.load(first / "directions")
+    cfg = OptimizeConfig(n_trials=10, confirm=0, progress=False, subspaces=("pca", "categories"),
                          n_harmful=4, n_harmless=4, n_borderline=2)
     rec = optimize_edit(cm, ds, cfg, out=tmp_path / "opt", harmful=HARMFUL, harmless=HARMLESS,
                         borderline=HARMLESS[:2], refusal_ids=[5, 6])
-    rep = audit(cm, tmp_path / "audit", directions=tmp_path / "run", harmful_val=HARMFUL, harmless_val=HARMLESS,
-                datasets=_datasets(), progress=False, front=str(tmp_path / "opt" / "front.json"), **SMALL)
+    front = str(tmp_path / "opt" / "front.json")
+    kw = dict(harmful_val=HARMFUL, harmless_val=HARMLESS, datasets=_datasets(), progress=False, front=front,
+              **{k: v for k, v in SMALL.items() if k not in ("mode", "select_options")})
+    rep = audit(cm, tmp_path / "audit", directions=first / "directions", selection=first / "selection.json", **kw)
     o = rep.data["verdict"]["optimized"]
-    assert o["trial"] in [r["trial"] for r in rec["front"]]
+    under = [r for r in rec["front"] if r["refusal_rate"] < 0.05]
+    want = min(under, key=lambda r: r["kl"]) if under else min(rec["front"], key=lambda r: (r["refusal_rate"], r["kl"]))
+    assert o["trial"] == want["trial"] and o["subspace"] in ("pca", "categories", "refusal")
     assert "optimized" in rep.data["evaluation"]["conditions"] and "ablate" in rep.data["evaluation"]["conditions"]
     assert o["harmful_refusal"]["n"] == rep.data["evaluation"]["conditions"]["ablate"]["datasets"]["harmful"]["refusal"]["n"]
     assert "Cheapest optimised edit" in rep.headline()
+    with pytest.raises(ConfigError, match="selection="):
+        audit(cm, tmp_path / "audit2", directions=first / "directions", **kw)
     other = rd.extract(cm, HARMFUL[:4], HARMLESS[:4], progress=False)
-    other.select(-1, 1)
+    other.select(*ds.selected)  # the same selection, other numbers
     other.save(tmp_path / "other")
     with pytest.raises(ConfigError, match="other directions"):
-        audit(cm, tmp_path / "audit2", directions=tmp_path / "other", harmful_val=HARMFUL, harmless_val=HARMLESS,
-              datasets=_datasets(), progress=False, front=str(tmp_path / "opt" / "front.json"), **SMALL)
+        audit(cm, tmp_path / "audit3", directions=tmp_path / "other", selection=first / "selection.json", **kw)
     with pytest.raises(ConfigError, match="pass one of them"):
-        AuditConfig(front=str(tmp_path / "opt" / "front.json"), optimize_trials=3)
+        AuditConfig(front=front, optimize_trials=3)

@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from refusaldir.directions import DirectionSet
-from refusaldir.errors import ConfigError
 from refusaldir.evaluate import Condition
 from refusaldir.io import read_json
-from refusaldir.optimize import OptimizeConfig, build_edit, directions_sha256, optimize_edit
+from refusaldir.optimize import FRONT_FILE, OptimizeConfig, load_member, optimize_edit
 
 if TYPE_CHECKING:
     from refusaldir.models import ChatModel
@@ -54,22 +53,16 @@ def optimized_condition(model: ChatModel, ds: DirectionSet, *, front: str | None
     """The ``optimized`` condition and its front record (``None`` when the audit has none)."""
     if front is None and not trials:
         return None, None
-    if front is not None:
-        rec = read_json(Path(front), "pass a front.json written by `refusaldir optimize`")
-        made_on, have = (rec.get("directions") or {}).get("sha256"), directions_sha256(ds)
-        if made_on != have:
-            raise ConfigError(
-                f"the front in {front} was optimised on other directions (sha256 {str(made_on)[:12]}… vs "
-                f"{have[:12]}…); audit with the --directions it was made from"
-            )
-    else:
-        cfg = OptimizeConfig(n_trials=trials, seed=seed, confirm=0, progress=progress)
-        rec = optimize_edit(model, ds, cfg, out=folder)
+    if front is None:
+        optimize_edit(model, ds, OptimizeConfig(n_trials=trials, seed=seed, confirm=0, progress=progress), out=folder)
+    path = Path(front) if front is not None else folder / FRONT_FILE
+    rec = read_json(path, "pass a front.json written by `refusaldir optimize`")
     member = cheapest_under(rec.get("front") or [], threshold)
     if member is None:
         return None, {"front_size": 0}
-    edit = build_edit(member["params"], ds, int(rec["n_layers"]), None)
-    info = {"member": member, "front_size": len(rec["front"]), "n_trials": rec["n_trials"],
+    index = next(i for i, r in enumerate(rec["front"]) if r["trial"] == member["trial"])
+    edit, _ = load_member(f"{path}#{index}", ds)  # checks the directions and reads any subspaces
+    info = {"member": member, "front_size": len(rec["front"]), "n_trials": rec["n_trials"], "index": index,
             "source": str(front) if front is not None else "searched in this audit"}
     return Condition("optimized", (edit,), description=member["describe"], info={"front": info}), info
 
@@ -84,8 +77,11 @@ def optimized_verdict(conds: dict[str, Any], info: dict[str, Any] | None, thresh
     return {
         "describe": m["describe"], "trial": m["trial"], "front_size": info["front_size"],
         "n_trials": info["n_trials"], "source": info["source"],
-        "attn": {"peak_layer": p["attn_peak"], "weight": p["attn_weight"], "width": p["attn_width"]},
-        "mlp": {"peak_layer": p["mlp_peak"], "weight": p["mlp_weight"], "width": p["mlp_width"]},
+        "attn": {"peak_layer": p["attn_peak"], "weight": p["attn_weight"], "width": p["attn_width"],
+                 "floor": p["attn_floor"] * p["attn_weight"]},
+        "mlp": {"peak_layer": p["mlp_peak"], "weight": p["mlp_weight"], "width": p["mlp_width"],
+                "floor": p["mlp_floor"] * p["mlp_weight"]},
+        "embed": p["embed"], "variant": p["variant"], "direction_source": p["source"], "subspace": p["subspace"],
         "harmful_refusal": c["datasets"]["harmful"]["refusal"],
         "kl_harmless": (c.get("kl_harmless") or {}).get("mean"),
         "over_refusal": (c["datasets"].get("borderline") or {}).get("refusal"),

@@ -358,6 +358,9 @@ def audit(
         >>> print(rep.headline())  # doctest: +SKIP
     """
     cfg = resolve_config(config, overrides)
+    if cfg.front is not None and (directions is None or selection is None):
+        raise ConfigError("front= holds edits built on a direction set and its selection; pass the directions= "
+                          "and selection= they were made with (--directions, --selection)")
     target = Path(out).expanduser()
     check_out(target, force)  # fail before any heavy work
     harmful_train = None if harmful_train is None else check_prompts(harmful_train, "harmful_train")

@@ -42,6 +42,7 @@ from refusaldir.errors import ConfigError, PromptFileError
 from refusaldir.guard import GUARD_METHODS, LatentGuard
 from refusaldir.io import prepare_out, staged_dir
 from refusaldir.judges import default_judge
+from refusaldir.optimize import check_front
 
 __all__: list[str] = []
 
@@ -95,8 +96,12 @@ def audit_cmd(
         front=None if front is None else str(front), optimize_trials=optimize_trials,
         select_options={"refusal_ids": ids} if (ids := parse_ints(refusal_tokens, "--refusal-tokens", "40,1263")) else {},
     )
-    if front is not None and directions is None:
-        raise ConfigError("--front was optimised on a direction folder; pass that folder as --directions too")
+    if front is not None:
+        if directions is None:
+            raise ConfigError("--front was optimised on a direction folder; pass that folder as --directions too")
+        if selection is None and (directions / "selection.json").exists():
+            selection = directions / "selection.json"  # the front's edits use the selection they were made with
+        check_front(front, directions)
     if selection is not None and directions is None:
         raise ConfigError("--selection reuses a selection of the directions it was made for; pass "
                           "--directions RUN_FOLDER too, or drop --selection")

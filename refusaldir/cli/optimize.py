@@ -6,7 +6,6 @@ before the model loads.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -28,10 +27,18 @@ from refusaldir.cli.common import (
     print_json,
     torch_threads,
 )
-from refusaldir.cli.outputs import AllowMismatchOpt, default_run
+from refusaldir.cli.outputs import AllowMismatchOpt, check_apart, default_run
 from refusaldir.cli.parsing import check_judge_spec
 from refusaldir.errors import ConfigError
-from refusaldir.optimize import FRONT_FILE, STUDY_FILE, OptimizeConfig, check_study, optimize_edit
+from refusaldir.optimize import (
+    FRONT_FILE,
+    OWN_FILES,
+    STUDY_FILE,
+    OptimizeConfig,
+    check_sources,
+    check_study,
+    optimize_edit,
+)
 from refusaldir.select import SelectionResult
 
 __all__ = ["optimize_cmd"]
@@ -83,9 +90,9 @@ def optimize_cmd(
     crosses = tuple(c.strip() for c in cross_judge.split(",") if c.strip())
     for c in crosses:
         check_judge_spec(c, "--cross-judge")
-    if not confirm and (judge is not None or max_new_tokens != 128):
-        raise ConfigError("--judge and --max-new-tokens set how front members are confirmed; with "
-                          "--confirm 0 nothing is confirmed, so drop them or pass --confirm N")
+    if not confirm and (judge is not None or max_new_tokens != 128 or cross_judge != "prefix"):
+        raise ConfigError("--judge, --cross-judge and --max-new-tokens set how front members are confirmed; "
+                          "with --confirm 0 nothing is confirmed, so drop them or pass --confirm N")
     cfg = OptimizeConfig(
         n_trials=trials, sampler=sampler, seed=seed, kl_tokens=kl_tokens, kl_ceiling=kl_ceiling,
         n_harmful=n_harmful, n_harmless=n_harmless, n_borderline=n_borderline,
@@ -102,12 +109,15 @@ def optimize_cmd(
         raise ConfigError(f"--resume: there is no study in {folder}; run without --resume to start one")
     if resume:
         check_study(folder, ds, cfg)  # another model's or another scoring's study: refused here
+    check_sources(ds, cfg)
     if ids is None and (directions / "selection.json").exists():
         sel = SelectionResult.load(directions)
         ids = sel.refusal_tokens.ids if sel.refusal_tokens is not None else None
+    check_apart(folder, directions, example="optimize")
     check_writable(folder)
-    if force and folder.exists():
-        shutil.rmtree(folder)
+    if force:
+        for name in OWN_FILES:  # only what the optimiser writes; the folder may hold other things
+            (folder / name).unlink(missing_ok=True)
     with torch_threads(threads):
         cm = mo.load()
         ds.check_model(cm, strict_hash=not allow_model_mismatch)

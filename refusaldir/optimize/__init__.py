@@ -18,6 +18,7 @@ from refusaldir.optimize.config import SAMPLERS, OptimizeConfig, make_sampler
 from refusaldir.optimize.confirm import choose_members, confirm_front
 from refusaldir.optimize.front import (
     FRONT_FILE,
+    check_front,
     front_figure,
     front_markdown,
     load_member,
@@ -28,15 +29,19 @@ from refusaldir.optimize.objective import TrialScorer, multi_token_kl
 from refusaldir.optimize.prompts import borderline_half
 from refusaldir.optimize.run import optimize_edit
 from refusaldir.optimize.search import (
+    OWN_FILES,
     STUDY_FILE,
+    check_sources,
     check_study,
     directions_sha256,
     pareto,
+    read_subspaces,
     search_front,
 )
 from refusaldir.optimize.space import build_edit, describe, rank1_params
 
 __all__ = [
+    "OWN_FILES", "check_front", "check_sources", "read_subspaces",
     "FRONT_FILE", "SAMPLERS", "STUDY_FILE", "OptimizeConfig", "TrialScorer", "borderline_half",
     "build_edit", "check_study", "choose_members", "directions_sha256", "confirm_front", "describe", "front_figure",
     "front_markdown", "load_member", "make_sampler", "multi_token_kl", "optimize_edit", "pareto",

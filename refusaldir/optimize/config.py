@@ -23,6 +23,8 @@ __all__ = ["SAMPLERS", "SOURCE_CHOICES", "OptimizeConfig", "make_sampler"]
 SAMPLERS = {"tpe": "TPESampler", "nsga2": "NSGAIISampler", "random": "RandomSampler",
             "qmc": "QMCSampler", "gp": "GPSampler"}
 SOURCE_CHOICES = ("selected", "per_layer", "index")
+#: Optuna samplers that handle two objectives (others, e.g. CmaEsSampler, are refused up front).
+MULTI_OBJECTIVE = ("TPESampler", "NSGAIISampler", "NSGAIIISampler", "RandomSampler", "QMCSampler", "GPSampler")
 
 
 def _int(x: Any, name: str, lo: int, hi: int = 10**9) -> int:
@@ -45,8 +47,13 @@ def sampler_class(name: str) -> Any:
     cls = getattr(optuna.samplers, cls_name, None) if cls_name else None
     if cls is None or not isinstance(cls, type) or not issubclass(cls, optuna.samplers.BaseSampler):
         raise ConfigError(
-            f"sampler {name!r} is not an Optuna sampler; use one of {', '.join(SAMPLERS)} or a class "
-            "name from optuna.samplers (e.g. CmaEsSampler)"
+            f"sampler {name!r} is not an Optuna sampler; use one of {', '.join(SAMPLERS)} or a "
+            f"multi-objective class name from optuna.samplers ({', '.join(MULTI_OBJECTIVE)})"
+        )
+    if cls.__name__ not in MULTI_OBJECTIVE:
+        raise ConfigError(
+            f"sampler {name!r} cannot search two objectives (refusal and damage) at once; use one of "
+            f"{', '.join(SAMPLERS)} or {', '.join(MULTI_OBJECTIVE)}"
         )
     return cls
 
@@ -63,10 +70,7 @@ def make_sampler(name: str, seed: int) -> Any:
     if cls.__name__ == "TPESampler":
         kwargs["n_startup_trials"] = 8
         kwargs["multivariate"] = True
-    try:
-        return cls(**kwargs)
-    except TypeError:
-        return cls(seed=seed) if "seed" in cls.__init__.__code__.co_varnames else cls()
+    return cls(**kwargs)
 
 
 @dataclass

@@ -16,14 +16,14 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from refusaldir.directions import DirectionSet, Subspaces
+from refusaldir.directions import DirectionSet
 from refusaldir.errors import ArtifactError, ConfigError
 from refusaldir.io import atomic_write_files, dumps, read_json
+from refusaldir.optimize.search import directions_sha256, read_subspaces
 from refusaldir.optimize.space import build_edit
 from refusaldir.steer import Edit
-from refusaldir.tensorio import read_folder
 
-__all__ = ["FRONT_FILE", "front_figure", "front_markdown", "load_member", "parse_member", "save_front"]
+__all__ = ["FRONT_FILE", "check_front", "front_figure", "front_markdown", "load_member", "parse_member", "save_front"]
 
 FRONT_FILE = "front.json"
 
@@ -128,14 +128,35 @@ def parse_member(spec: str) -> tuple[Path, int]:
     return p, n
 
 
+def check_front(front: str | os.PathLike[str], directions: str | os.PathLike[str]) -> None:
+    """Raise unless ``front`` (a ``front.json``) was optimised on the direction folder
+    ``directions`` as it stands (numbers and selection); loads no model."""
+    record = read_json(Path(front), "pass a front.json written by `refusaldir optimize`")
+    made_on = (record.get("directions") or {}).get("sha256") if isinstance(record, dict) else None
+    have = directions_sha256(DirectionSet.load(directions))
+    if made_on != have:
+        raise ConfigError(
+            f"{front} was optimised on other directions or another selection than {directions} "
+            f"(sha256 {str(made_on)[:12]}… vs {have[:12]}…); pass the --directions folder it was made from"
+        )
+
+
 def load_member(spec: str, ds: DirectionSet) -> tuple[Edit, dict[str, Any]]:
-    """The :class:`Edit` of front member ``N`` of ``front.json#N`` and its record."""
+    """The :class:`Edit` of front member ``N`` of ``front.json#N`` and its record; raises when
+    the front was optimised on other directions (or another selection) than ``ds``."""
     path, n = parse_member(spec)
     record = read_json(path, "run `refusaldir optimize` to write it")
     member = record["front"][n]
+    made_on, have = (record.get("directions") or {}).get("sha256"), directions_sha256(ds)
+    if made_on != have:
+        raise ConfigError(
+            f"{path} was optimised on other directions or another selection (sha256 {str(made_on)[:12]}… "
+            f"vs {have[:12]}…); pass the --directions folder it was made from"
+        )
     extra = None
-    if record.get("subspaces") and member["params"]["subspace"] in ("categories", "pca"):
-        meta, tensors, _ = read_folder(path.parent, tensors_file="subspaces.safetensors",
-                                       meta_file="subspaces.json", fix="re-run `refusaldir optimize`")
-        extra = Subspaces.from_tensors(tensors, meta)
+    if member["params"]["subspace"] in ("categories", "pca"):
+        got = read_subspaces(path.parent)
+        if got is None:
+            raise ArtifactError(f"{path.parent} lacks the subspaces front member #{n} was built on; re-run the optimiser")
+        extra = got[0]
     return build_edit(member["params"], ds, int(record["n_layers"]), extra), member

@@ -17,7 +17,7 @@ from refusaldir.io import versions
 from refusaldir.optimize.config import OptimizeConfig
 from refusaldir.optimize.confirm import confirm_front
 from refusaldir.optimize.front import save_front
-from refusaldir.optimize.search import directions_sha256, search_front
+from refusaldir.optimize.search import directions_sha256, read_subspaces, search_front
 
 if TYPE_CHECKING:
     from refusaldir.models import ChatModel
@@ -47,7 +47,8 @@ def optimize_edit(
     cfg = cfg or OptimizeConfig()
     rec = search_front(model, ds, cfg, out=out, resume=resume, harmful=harmful, harmless=harmless,
                        borderline=borderline, refusal_ids=refusal_ids)
-    extra = rec.pop("_subspaces", None)
+    have = read_subspaces(out) if rec.get("subspaces") else None
+    extra = have[0] if have is not None else None
     rec.update(model=model.describe(), versions=versions(),
                directions={"selected": ds.metadata.get("selected"), "sha256": directions_sha256(ds)})
     if cfg.confirm:

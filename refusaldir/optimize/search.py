@@ -20,6 +20,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,8 @@ from refusaldir.optimize.objective import TrialScorer
 from refusaldir.optimize.prompts import borderline_half
 from refusaldir.optimize.space import build_edit, describe, rank1_params, suggest
 from refusaldir.progress import progress_bar
+from refusaldir.stats import rate
+from refusaldir.steer import Edit
 from refusaldir.tensorio import encode_folder, read_folder
 
 if TYPE_CHECKING:
@@ -40,12 +43,14 @@ if TYPE_CHECKING:
 
     from refusaldir.models import ChatModel
 
-__all__ = ["STUDY_FILE", "check_study", "directions_sha256", "open_study", "pareto", "search_front"]
+__all__ = ["OWN_FILES", "STUDY_FILE", "check_sources", "check_study", "directions_sha256", "read_subspaces", "open_study", "pareto", "search_front"]
 
 log = logging.getLogger(__name__)
 STUDY_FILE = "study.db"
 STUDY_NAME = "refusaldir-optimize"
 SUBSPACE_FILES = ("subspaces.safetensors", "subspaces.json")
+#: Everything the optimiser writes into its folder (``--force`` removes these, nothing else).
+OWN_FILES = (STUDY_FILE, *SUBSPACE_FILES, "front.json", "front.html", "results.md", "completions.jsonl")
 
 
 def _storage(out: Path) -> str:
@@ -53,9 +58,10 @@ def _storage(out: Path) -> str:
 
 
 def directions_sha256(ds: DirectionSet) -> str:
-    """The identity of a direction set's numbers (its refusal and harmfulness tensors), the same
-    however often its metadata (e.g. a selection) is saved again."""
-    h = hashlib.sha256()
+    """The identity of a direction set as edits use it: its refusal and harmfulness tensors and
+    the selected (pos, layer) — the same however often its metadata is saved again, different
+    after a new selection (edits built from "the selected direction" would change)."""
+    h = hashlib.sha256(str(ds.selected).encode())
     for t in (ds.refusal, ds.harmfulness):
         if t is not None:
             h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
@@ -69,7 +75,17 @@ def study_identity(ds: DirectionSet, cfg: OptimizeConfig) -> dict[str, Any]:
             "scoring": cfg.scoring()}
 
 
-def check_study(out: str | os.PathLike[str], ds: DirectionSet, cfg: OptimizeConfig) -> int:
+def check_sources(ds: DirectionSet, cfg: OptimizeConfig) -> None:
+    """Raise when the direction sources searched need a selection the set does not have."""
+    if ds.selected is None and set(cfg.sources) == {"selected"}:
+        raise ConfigError(
+            "sources=['selected'] needs a selected direction, and these directions have none; run "
+            "`refusaldir select` first or add per_layer/index to the sources (--sources)"
+        )
+
+
+def check_study(out: str | os.PathLike[str], ds: DirectionSet, cfg: OptimizeConfig,
+                refusal_ids: Sequence[int] | None = None) -> int:
     """Trials already in the study at ``out`` (0 when there is none); raises when it was made
     for another model, other directions or other scoring settings. Loads no model."""
     import optuna
@@ -83,9 +99,11 @@ def check_study(out: str | os.PathLike[str], ds: DirectionSet, cfg: OptimizeConf
         raise ArtifactError(f"{path} is not a readable refusaldir study ({exc}); remove it or pass --force") from exc
     have = study.user_attrs.get("identity", {})
     want = study_identity(ds, cfg)
-    for key, what in (("weights_hash", "model (weights hash)"), ("directions_sha256", "directions"),
-                      ("scoring", "scoring settings")):
-        if have.get(key) != want[key]:
+    if refusal_ids is not None:
+        want["refusal_ids"] = [int(i) for i in refusal_ids]
+    for key, what in (("weights_hash", "model (weights hash)"), ("directions_sha256", "directions (or selection)"),
+                      ("scoring", "scoring settings"), ("refusal_ids", "refusal tokens")):
+        if key in want and key in have and have.get(key) != want[key]:
             raise ArtifactError(
                 f"the study in {path} was made for another {what}: {str(have.get(key))[:80]} vs "
                 f"{str(want[key])[:80]}; use the same {what.split(' ')[0]} to resume, or pass --force "
@@ -94,7 +112,8 @@ def check_study(out: str | os.PathLike[str], ds: DirectionSet, cfg: OptimizeConf
     return len(study.trials)
 
 
-def open_study(out: Path, ds: DirectionSet, cfg: OptimizeConfig, *, resume: bool) -> optuna.Study:
+def open_study(out: Path, ds: DirectionSet, cfg: OptimizeConfig, *, resume: bool,
+               refusal_ids: Sequence[int] | None = None) -> optuna.Study:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -102,12 +121,15 @@ def open_study(out: Path, ds: DirectionSet, cfg: OptimizeConfig, *, resume: bool
     if exists and not resume:
         raise ConfigError(f"{out} already holds a study; pass resume=True (--resume) to add trials or force a new one")
     if exists:
-        check_study(out, ds, cfg)
+        check_study(out, ds, cfg, refusal_ids)
     study = optuna.create_study(study_name=STUDY_NAME, storage=_storage(out), load_if_exists=exists,
                                 directions=["minimize", "minimize"],
                                 sampler=make_sampler(cfg.sampler, cfg.seed + (len(_trials(out)) if exists else 0)))
     if not exists:
-        study.set_user_attr("identity", study_identity(ds, cfg))
+        ident = study_identity(ds, cfg)
+        if refusal_ids is not None:
+            ident["refusal_ids"] = [int(i) for i in refusal_ids]
+        study.set_user_attr("identity", ident)
     return study
 
 
@@ -126,19 +148,45 @@ def pareto(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(front, key=lambda r: (r["kl"], r["refusal"], r["trial"]))
 
 
+def read_subspaces(folder: str | os.PathLike[str]) -> tuple[Subspaces, dict[str, Any]] | None:
+    """The subspaces an optimiser run captured in ``folder`` (with their record), if any."""
+    if not (Path(folder) / SUBSPACE_FILES[0]).exists():
+        return None
+    meta, tensors, _ = read_folder(folder, tensors_file=SUBSPACE_FILES[0], meta_file=SUBSPACE_FILES[1],
+                                   fix="re-run `refusaldir optimize` (or pass --force)")
+    return Subspaces.from_tensors(tensors, meta), meta
+
+
 def _load_subspaces(model: ChatModel, ds: DirectionSet, cfg: OptimizeConfig, out: Path) -> Subspaces | None:
     if not {"categories", "pca"} & set(cfg.subspaces):
         return None
-    if (out / SUBSPACE_FILES[0]).exists():
-        meta, tensors, _ = read_folder(out, tensors_file=SUBSPACE_FILES[0], meta_file=SUBSPACE_FILES[1],
-                                       fix="remove the optimize folder (or pass --force)")
-        return Subspaces.from_tensors(tensors, meta)
+    have = read_subspaces(out)
+    if have is not None:
+        if have[1].get("directions_sha256") != directions_sha256(ds):
+            raise ArtifactError(f"{out / SUBSPACE_FILES[0]} was captured for other directions; pass --force to start over")
+        return have[0]
     sel = ds.selected
     sub = subspaces(model, ds, load_prompts("harmful", "train"), pos=sel[0] if sel else -1,
                     k=cfg.max_k, batch_size=cfg.batch_size, progress=cfg.progress)
-    atomic_write_files(out, encode_folder(sub.tensors(), sub.record(), tensors_file=SUBSPACE_FILES[0],
+    record = {**sub.record(), "directions_sha256": directions_sha256(ds)}
+    atomic_write_files(out, encode_folder(sub.tensors(), record, tensors_file=SUBSPACE_FILES[0],
                                           meta_file=SUBSPACE_FILES[1], header={"format": "refusaldir.subspaces"}))
     return sub
+
+
+def _supported_variants(model: ChatModel, cfg: OptimizeConfig) -> OptimizeConfig:
+    """``cfg`` without the norm-preserving variant where this model's writers have no hook form
+    for it (output norms, fused experts, other token mixers), with a warning."""
+    if "norm_preserving" not in cfg.variants or Edit.preserve_norm_hookable(model):
+        return cfg
+    rest = tuple(v for v in cfg.variants if v != "norm_preserving")
+    if not rest:
+        raise ConfigError(
+            f"the norm-preserving variant has no hook form on {model.spec} (output norms or fused "
+            "experts), so it cannot be searched; pass variants plain,projected (--variants)"
+        )
+    log.warning("norm-preserving edits have no hook form on %s; searching %s only", model.spec, rest)
+    return replace(cfg, variants=rest, extra={**cfg.extra, "dropped_variants": ["norm_preserving"]})
 
 
 def search_front(
@@ -159,6 +207,8 @@ def search_front(
     Prompts default to the shipped *validation* splits and the borderline set's search half;
     ``refusal_ids`` to the tokens :func:`refusaldir.judges.find_refusal_tokens` detects there.
     """
+    import optuna
+
     cfg = cfg or OptimizeConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -169,6 +219,10 @@ def search_front(
     harmless = list(harmless if harmless is not None else load_prompts("harmless", "val"))[: cfg.n_harmless]
     borderline = list(borderline if borderline is not None else borderline_half("search"))[: cfg.n_borderline]
     t0 = time.perf_counter()
+    check_sources(ds, cfg)
+    cfg = _supported_variants(model, cfg)
+    if (out / STUDY_FILE).exists() and not resume:
+        raise ConfigError(f"{out} already holds a study; pass resume=True (--resume) to add trials or force a new one")
     if refusal_ids is None:
         try:
             refusal_ids = find_refusal_tokens(model, harmful, harmless, n=min(32, len(harmful)),
@@ -179,13 +233,15 @@ def search_front(
                 f"detected ({str(exc).split(';')[0]}); pass them: refusal_ids=[...] (--refusal-tokens ID,...), "
                 "e.g. the ids of 'I' and 'Sorry' in this tokenizer"
             ) from exc
-    study = open_study(out, ds, cfg, resume=resume)
+    study = open_study(out, ds, cfg, resume=resume, refusal_ids=refusal_ids)
     extra = _load_subspaces(model, ds, cfg, out)
     scorer = TrialScorer(model, cfg, harmful, harmless, borderline, refusal_ids)
     base = scorer.baseline_scores()
+    study.set_user_attr("n_harmful", len(harmful))
     limit = base.get("over_refusal", 0.0) + cfg.over_refusal_margin
-    if not study.trials:
-        study.enqueue_trial({}, user_attrs={"rank1": True})
+    done = optuna.trial.TrialState.COMPLETE
+    if not any(t.user_attrs.get("rank1") and t.state == done for t in study.trials):
+        study.enqueue_trial({}, user_attrs={"rank1": True})  # again, if an interrupted run lost it
     setup_s = time.perf_counter() - t0
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
@@ -221,20 +277,22 @@ def search_front(
             "prompts": {"harmful": len(harmful), "harmless": len(harmless), "borderline": len(borderline)},
             "timings": {"setup_s": round(setup_s, 2), "search_s": round(time.perf_counter() - t1, 2)},
             "n_trials": len(rows), "config": cfg.to_dict(), "subspaces": extra.record() if extra else None,
-            "scorer_calls": scorer.calls, "_subspaces": extra}
+            "scorer_calls": scorer.calls}
 
 
 def _rows(study: optuna.Study) -> list[dict[str, Any]]:
     import optuna
 
+    n_harmful = int(study.user_attrs.get("n_harmful", 0)) or 1
     rows = []
     for t in study.trials:
         if t.state != optuna.trial.TrialState.COMPLETE:
             continue
         s = t.user_attrs["scores"]
         p = t.user_attrs["params"]
+        k = round(float(s["refusal_rate"]) * n_harmful)
         rows.append({"trial": t.number, "params": p, "describe": describe(p), "refusal": s["refusal"],
-                     "refusal_rate": s["refusal_rate"], "kl": s["kl"], "over_refusal": s.get("over_refusal"),
+                     "refusal_rate": s["refusal_rate"], "refusal_search": rate(k, n_harmful, digits=4), "kl": s["kl"], "over_refusal": s.get("over_refusal"),
                      "skipped": bool(s["skipped"]), "feasible": t.user_attrs["constraints"][0] <= 0,
                      "rank1": bool(t.user_attrs.get("rank1", False))})
     return rows

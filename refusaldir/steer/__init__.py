@@ -35,7 +35,7 @@ from refusaldir.steer.directions_io import (
     vector_sha256,
 )
 from refusaldir.steer.edit import MAX_WEIGHT, Edit, Kernel
-from refusaldir.steer.export import PROVENANCE_FILE, save_orthogonalized
+from refusaldir.steer.export import PROVENANCE_FILE, edited_parameters, save_orthogonalized
 from refusaldir.steer.export_edit import save_edited
 from refusaldir.steer.interventions import ABLATION_POINTS, Ablation, Addition, Applied, ablate, add
 from refusaldir.steer.layers import default_layer, layer_scores
@@ -43,7 +43,6 @@ from refusaldir.steer.ops import add_vector, project_out, project_out_rows, unit
 from refusaldir.steer.orthogonalize import (
     Writer,
     edited_copy,
-    edited_parameters,
     live_writers,
     orthogonalize,
     plain_copy,

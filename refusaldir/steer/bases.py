@@ -15,7 +15,7 @@
   per-prompt principal directions captured once).
 
 Example:
-    >>> q = edit_bases(ds, source="per_layer", subspace="harmfulness", k=2)  # doctest: +SKIP
+    >>> q = edit_bases(ds, model.n_layers, source="per_layer", subspace="harmfulness")  # doctest: +SKIP
     >>> q.shape  # (layer, d_model, k)  # doctest: +SKIP
     torch.Size([24, 896, 2])
 """
@@ -174,8 +174,9 @@ def _basis(at, layer: float, r: Tensor, h: Tensor | None, mean: Tensor | None, p
         if vecs[0].norm() > 0:
             u = vecs[0] / vecs[0].norm()
             cand = cand - (cand @ u)[:, None] * u  # off the refusal direction
-        _, _, vh = torch.linalg.svd(cand, full_matrices=False)
-        vecs += list(vh[: k - 1])
+        sv, vh = torch.linalg.svd(cand, full_matrices=False)[1:]
+        keep = sv > 1e-6 * sv.max().clamp_min(1e-300)  # no noise directions (e.g. what is left of r)
+        vecs += list(vh[keep][: k - 1])
     if projected:
         if mean is None:
             raise ArtifactError(

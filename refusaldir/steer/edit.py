@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import weakref
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -124,6 +125,8 @@ class Edit:
         object.__setattr__(self, "bases", b.detach().to(torch.float64).cpu())
         object.__setattr__(self, "embed", _num(self.embed, "embed weight", 0.0, MAX_WEIGHT))
         object.__setattr__(self, "preserve_norm", bool(self.preserve_norm))
+        self.attn.check(self.n_layers, "attention")  # before any model is involved
+        self.mlp.check(self.n_layers, "MLP")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -184,17 +187,28 @@ class Edit:
                 out.append((name, _scale_fn(placed(scales[point, layer], model.device, model.dtype))))
         return out
 
+    @staticmethod
+    def preserve_norm_hookable(model: ChatModel) -> bool:
+        """Whether ``preserve_norm=True`` has a hook form on ``model``: every attention/MLP
+        writer a plain output projection with a hook point on its input (no output norm, no
+        fused experts)."""
+        names = model.bridge.hook_dict
+        return all(wr.point == "embed" or (wr.out_axis == 0 and wr.weight.ndim == 2 and wr.gain is None
+                                           and UNIT_INPUTS[wr.point].format(wr.layer) in names)
+                   for wr in _writers(model))
+
     def _unit_scales(self, model: ChatModel) -> dict[tuple[str, int], Tensor]:
         """Per input unit ``‖W_j‖ / ‖(I - w Q Qᵀ) W_j‖`` of every attention/MLP output writer."""
+        if not self.preserve_norm_hookable(model):
+            raise HookError(
+                f"the norm-preserving edit has no hook form on {model.spec} (output norms, fused experts "
+                "or another token mixer): apply it to the weights (Edit.orthogonalize) or use "
+                "preserve_norm=False"
+            )
         scales: dict[tuple[str, int], Tensor] = {}
-        for wr in live_writers(model):
+        for wr in _writers(model):
             if wr.point == "embed" or (w := self.weight_of(wr.point, wr.layer)) == 0:
                 continue
-            if wr.out_axis != 0 or wr.weight.ndim != 2 or wr.gain is not None:
-                raise HookError(
-                    f"{wr.name} is not a plain output projection, so the norm-preserving edit "
-                    "has no hook form there; apply it to the weights (Edit.orthogonalize)"
-                )
             dev = wr.weight.device if wr.weight.device.type != "meta" else torch.device("cpu")
             cols = wr.weight.detach().to(dev, work_dtype(dev)).T  # (d_in, d_model)
             q = self.basis_of(wr.point, wr.layer).to(dev, cols.dtype)
@@ -246,6 +260,21 @@ class Edit:
                 "pass the directions the edit was optimised on"
             )
         return edit
+
+
+_WRITERS: weakref.WeakKeyDictionary[Any, list[Writer]] = weakref.WeakKeyDictionary()
+
+
+def _writers(model: ChatModel) -> list[Writer]:
+    """:func:`~refusaldir.steer.live_writers` of ``model``, once per loaded model (an optimiser
+    builds hooks for hundreds of edits on the same weights). Offloaded models are read afresh,
+    not cached: their writers are copies of weights kept off the device on purpose."""
+    hit = _WRITERS.get(model.hf)
+    if hit is None:
+        hit = live_writers(model)
+        if not any(p.device.type == "meta" for p in model.hf.parameters()):
+            _WRITERS[model.hf] = hit
+    return hit
 
 
 def _project_fn(q: Any, w: float, renorm: bool) -> Any:

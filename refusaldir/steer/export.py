@@ -29,7 +29,7 @@ from refusaldir.directions import Direction, DirectionSet
 from refusaldir.io import dumps, prepare_out, staged_dir
 from refusaldir.models import stop_token_ids
 from refusaldir.steer.directions_io import as_direction, check_direction, vector_sha256
-from refusaldir.steer.orthogonalize import edit_records, edited_parameters, orthogonalize_with_info
+from refusaldir.steer.orthogonalize import orthogonalize_with_info, residual_writers
 from refusaldir.version import __version__
 
 if TYPE_CHECKING:
@@ -211,3 +211,20 @@ def model_card(info: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def edit_records(ortho: Any) -> list[dict[str, Any]]:
+    """One record per edited writer of ``ortho``, for the export's provenance: its parameter
+    names, layer and point, whether it writes through an output norm (``through_norm``: projected
+    off ``gain ⊙ u``, which removes ``u`` exactly from what reaches the residual stream while the
+    norm's scale changes) and whether the result equals hook ablation exactly (``exact``)."""
+    by_id = {id(p): n for n, p in ortho.named_parameters()}
+    return [{"parameters": [by_id[id(t)] for t in (w.weight, w.bias) if t is not None], "layer": w.layer,
+             "point": w.point, "through_norm": w.gain is not None, "exact": w.gain is None}
+            for w in residual_writers(ortho)]
+
+
+def edited_parameters(ortho: Any) -> list[str]:
+    """Names of the parameters :func:`orthogonalize` edits in ``ortho`` (for the model card)."""
+    by_id = {id(p): n for n, p in ortho.named_parameters()}
+    return [by_id[id(t)] for w in residual_writers(ortho) for t in (w.weight, w.bias) if t is not None]

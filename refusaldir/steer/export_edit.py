@@ -19,8 +19,7 @@ from refusaldir.directions import DirectionSet
 from refusaldir.io import dumps, prepare_out, staged_dir
 from refusaldir.models import stop_token_ids
 from refusaldir.steer.edit import Edit
-from refusaldir.steer.export import PROVENANCE_FILE, exactness
-from refusaldir.steer.orthogonalize import edit_records
+from refusaldir.steer.export import PROVENANCE_FILE, edit_records, exactness
 from refusaldir.version import __version__
 
 if TYPE_CHECKING:

@@ -43,8 +43,8 @@ if TYPE_CHECKING:
     from refusaldir.models import ChatModel
 
 __all__ = [
-    "ATTN_OUT_NAMES", "MLP_OUT_NAMES", "POST_NORM_NAMES", "Writer", "edit_records", "edited_copy", "through_gain",
-    "edited_parameters", "orthogonalize", "orthogonalize_with_info", "plain_copy", "project_along",
+    "ATTN_OUT_NAMES", "MLP_OUT_NAMES", "POST_NORM_NAMES", "Writer", "edited_copy", "through_gain",
+    "orthogonalize", "orthogonalize_with_info", "plain_copy", "project_along",
     "live_writers", "residual_writers", "work_dtype",
 ]
 
@@ -436,20 +436,3 @@ def _decoder_layers(clean: Any) -> Any:
             "Llama/Qwen/Mistral-style decoder-only models"
         )
     return layers
-
-
-def edit_records(ortho: Any) -> list[dict[str, Any]]:
-    """One record per edited writer of ``ortho``, for the export's provenance: its parameter
-    names, layer and point, whether it writes through an output norm (``through_norm``: projected
-    off ``gain ⊙ u``, which removes ``u`` exactly from what reaches the residual stream while the
-    norm's scale changes) and whether the result equals hook ablation exactly (``exact``)."""
-    by_id = {id(p): n for n, p in ortho.named_parameters()}
-    return [{"parameters": [by_id[id(t)] for t in (w.weight, w.bias) if t is not None], "layer": w.layer,
-             "point": w.point, "through_norm": w.gain is not None, "exact": w.gain is None}
-            for w in residual_writers(ortho)]
-
-
-def edited_parameters(ortho: Any) -> list[str]:
-    """Names of the parameters :func:`orthogonalize` edits in ``ortho`` (for the model card)."""
-    by_id = {id(p): n for n, p in ortho.named_parameters()}
-    return [by_id[id(t)] for w in residual_writers(ortho) for t in (w.weight, w.bias) if t is not None]
