@@ -353,7 +353,7 @@ def test_split_embedded_models_name_their_wheels(monkeypatch):
         embedded.split_gguf_parts("coder-1.5b")
     with pytest.raises(ModelLoadError, match="single GGUF"):
         embedded.split_gguf_parts("smollm2")
-    assert [e.split.parts for e in embedded.EMBEDDED.values() if e.split] == [6, 22]
+    assert [e.split.parts for e in embedded.EMBEDDED.values() if e.split] == [6, 22, 4]  # demo, coder-1.5b, gemma3-270m
 
 
 def test_local_folder_roundtrip(tmp_path, tol):
