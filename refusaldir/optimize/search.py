@@ -120,23 +120,15 @@ def open_study(out: Path, ds: DirectionSet, cfg: OptimizeConfig, *, resume: bool
     exists = (out / STUDY_FILE).exists()
     if exists and not resume:
         raise ConfigError(f"{out} already holds a study; pass resume=True (--resume) to add trials or force a new one")
-    if exists:
-        check_study(out, ds, cfg, refusal_ids)
+    done = check_study(out, ds, cfg, refusal_ids)  # 0 for a new study
     study = optuna.create_study(study_name=STUDY_NAME, storage=_storage(out), load_if_exists=exists,
-                                directions=["minimize", "minimize"],
-                                sampler=make_sampler(cfg.sampler, cfg.seed + (len(_trials(out)) if exists else 0)))
+                                directions=["minimize", "minimize"], sampler=make_sampler(cfg.sampler, cfg.seed + done))
     if not exists:
         ident = study_identity(ds, cfg)
         if refusal_ids is not None:
             ident["refusal_ids"] = [int(i) for i in refusal_ids]
         study.set_user_attr("identity", ident)
     return study
-
-
-def _trials(out: Path) -> list[Any]:
-    import optuna
-
-    return optuna.load_study(study_name=STUDY_NAME, storage=_storage(out)).trials
 
 
 def pareto(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -221,7 +213,7 @@ def search_front(
     t0 = time.perf_counter()
     check_sources(ds, cfg)
     cfg = _supported_variants(model, cfg)
-    if (out / STUDY_FILE).exists() and not resume:
+    if (out / STUDY_FILE).exists() and not resume:  # before the refusal-token passes below
         raise ConfigError(f"{out} already holds a study; pass resume=True (--resume) to add trials or force a new one")
     if refusal_ids is None:
         try:
