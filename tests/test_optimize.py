@@ -14,6 +14,7 @@ from refusaldir.optimize import (
     TrialScorer,
     borderline_half,
     check_study,
+    choose_members,
     load_member,
     multi_token_kl,
     optimize_edit,
@@ -120,6 +121,16 @@ def test_pareto_keeps_only_undominated_feasible_rows():
             for i, (r, k, f) in enumerate([(0.5, 0.1, True), (0.4, 0.2, True), (0.6, 0.3, True),
                                            (0.1, 0.01, False), (0.4, 0.25, True)])]
     assert [r["trial"] for r in pareto(rows)] == [0, 1]
+
+
+def test_choose_members_prefers_cheap_members_under_target_and_skips_rank1():
+    rows = [dict(trial=0, rank1=True, refusal_rate=0.0, refusal=0.1, kl=0.001),
+            dict(trial=1, refusal_rate=0.03, refusal=0.2, kl=0.02),
+            dict(trial=2, refusal_rate=0.0, refusal=0.1, kl=0.05),
+            dict(trial=3, refusal_rate=0.2, refusal=0.4, kl=0.001),
+            dict(trial=4, refusal_rate=0.1, refusal=0.3, kl=0.002)]
+    assert [r["trial"] for r in choose_members(rows, 2)] == [1, 2]  # rank-1 is confirmed anyway
+    assert [r["trial"] for r in choose_members(rows, 3)] == [1, 2, 4]
 
 
 def test_optimize_edit_writes_front_and_members_rebuild(qwen, ds, tmp_path, tol):

@@ -32,9 +32,11 @@ __all__ = ["choose_members", "confirm_front"]
 
 def choose_members(front: Sequence[dict[str, Any]], n: int, target: float = 0.05) -> list[dict[str, Any]]:
     """Which front members to confirm: the cheapest (lowest KL) ones whose search refusal rate
-    is at most ``target``, then the lowest-refusal ones, ``n`` in all."""
-    under = sorted((r for r in front if r["refusal_rate"] <= target), key=lambda r: (r["kl"], r["trial"]))
-    rest = sorted((r for r in front if r["refusal_rate"] > target), key=lambda r: (r["refusal"], r["kl"]))
+    is at most ``target``, then the lowest-refusal ones, ``n`` in all. The rank-1 edit is
+    confirmed anyway, so it never takes one of the ``n`` places."""
+    others = [r for r in front if not r.get("rank1")]
+    under = sorted((r for r in others if r["refusal_rate"] <= target), key=lambda r: (r["kl"], r["trial"]))
+    rest = sorted((r for r in others if r["refusal_rate"] > target), key=lambda r: (r["refusal"], r["kl"]))
     return (under + rest)[:n]
 
 
