@@ -11,6 +11,7 @@ import pytest
 
 import refusaldir as rd
 from refusaldir.audit import AuditConfig, AuditReport, audit, concentration_curve, make_figures
+from refusaldir.audit.optimized import cheapest_under
 from refusaldir.audit.verdict import headline_markdown, verdict
 from refusaldir.errors import ArtifactError, ConfigError
 
@@ -281,3 +282,18 @@ def test_audit_reports_the_cheapest_optimised_edit_next_to_rank1(report, root, t
         audit(cm, tmp_path / "audit3", directions=tmp_path / "other", selection=first / "selection.json", **kw)
     with pytest.raises(ConfigError, match="pass one of them"):
         AuditConfig(front=front, optimize_trials=3)
+
+
+def test_cheapest_under_compares_confirmed_members_on_their_test_numbers():
+    def conf(rate, kl):
+        return {"harmful": {"refusal": {"rate": rate}}, "kl": kl}
+    front = [{"trial": 1, "kl": 0.001, "refusal_rate": 0.0},  # searched only: cheapest, but not comparable
+             {"trial": 2, "kl": 0.02, "refusal_rate": 0.0, "confirmed": conf(0.03, 0.04)},
+             {"trial": 3, "kl": 0.01, "refusal_rate": 0.0, "confirmed": conf(0.02, 0.05)},
+             {"trial": 4, "kl": 0.005, "refusal_rate": 0.0, "confirmed": conf(0.20, 0.01)}]
+    pick = cheapest_under(front, 0.05)
+    assert (pick["trial"], pick["under_threshold"], pick["numbers"]) == (2, True, "confirmed")
+    pick = cheapest_under(front, 0.01)
+    assert (pick["trial"], pick["under_threshold"]) == (3, False)
+    pick = cheapest_under([dict(r, confirmed=None) for r in front], 0.05)
+    assert (pick["trial"], pick["numbers"]) == (1, "search")

@@ -4,9 +4,9 @@ threshold, evaluated beside the rank-1 edit.
 With ``AuditConfig.front`` (a ``front.json`` from ``refusaldir optimize``) or
 ``AuditConfig.optimize_trials > 0`` (a search run inside the audit, its study kept in the
 report folder's ``optimize/``), the member with the lowest KL among those whose refusal rate is
-below ``refusal_threshold`` (confirmed test rates when the front has them, else the search's)
-joins the evaluation as condition ``optimized``; the verdict reports which layers it edits, how
-strongly, its KL and over-refusal, next to the rank-1 edit.
+below ``refusal_threshold`` (among confirmed members by their test numbers when the front has
+any, else by the search's) joins the evaluation as condition ``optimized``; the verdict reports
+which layers it edits, how strongly, its KL and over-refusal, next to the rank-1 edit.
 
 Example:
     >>> cheapest_under([{"trial": 1, "kl": 0.02, "refusal_rate": 0.0},
@@ -30,21 +30,28 @@ if TYPE_CHECKING:
 __all__ = ["cheapest_under", "optimized_condition", "optimized_verdict"]
 
 
-def _rate(row: dict[str, Any]) -> float:
-    conf = ((row.get("confirmed") or {}).get("harmful") or {}).get("refusal") or {}
-    return float(conf["rate"]) if conf.get("rate") is not None else float(row["refusal_rate"])
+def _confirmed(row: dict[str, Any]) -> tuple[float, float] | None:
+    conf = row.get("confirmed") or {}
+    rate = ((conf.get("harmful") or {}).get("refusal") or {}).get("rate")
+    return None if rate is None or conf.get("kl") is None else (float(rate), float(conf["kl"]))
 
 
 def cheapest_under(front: list[dict[str, Any]], threshold: float) -> dict[str, Any] | None:
-    """The lowest-KL member whose refusal rate is below ``threshold``; else the lowest-refusal one."""
+    """The lowest-KL member whose refusal rate is below ``threshold``; else the lowest-refusal one.
+
+    When the front holds confirmed members, only they compete, on their confirmed (test) refusal
+    and KL: a search rate is not comparable with a judged test rate.
+    """
     if not front:
         return None
-    under = [r for r in front if _rate(r) < threshold]
+    confirmed = [(r, c) for r in front if (c := _confirmed(r)) is not None]
+    scored = confirmed or [(r, (float(r["refusal_rate"]), float(r["kl"]))) for r in front]
+    under = [(r, c) for r, c in scored if c[0] < threshold]
     if under:
-        cheap: dict[str, Any] = min(under, key=lambda r: (r["kl"], r["trial"]))
-        return {**cheap, "under_threshold": True}
-    best: dict[str, Any] = min(front, key=lambda r: (_rate(r), r["kl"]))
-    return {**best, "under_threshold": False}
+        cheap = min(under, key=lambda rc: (rc[1][1], rc[0]["trial"]))[0]
+        return {**cheap, "under_threshold": True, "numbers": "confirmed" if confirmed else "search"}
+    best = min(scored, key=lambda rc: (rc[1][0], rc[1][1]))[0]
+    return {**best, "under_threshold": False, "numbers": "confirmed" if confirmed else "search"}
 
 
 def optimized_condition(model: ChatModel, ds: DirectionSet, *, front: str | None, trials: int,
@@ -86,6 +93,6 @@ def optimized_verdict(conds: dict[str, Any], info: dict[str, Any] | None, thresh
         "kl_harmless": (c.get("kl_harmless") or {}).get("mean"),
         "over_refusal": (c["datasets"].get("borderline") or {}).get("refusal"),
         "search": {"refusal_rate": m["refusal_rate"], "kl": m["kl"], "over_refusal": m.get("over_refusal")},
-        "under_threshold_in_search": m["under_threshold"],
+        "under_threshold_when_chosen": m["under_threshold"], "chosen_by": m.get("numbers", "search"),
         "answer": ("yes" if (c["datasets"]["harmful"]["refusal"]["rate"] or 0) < threshold else "no"),
     }
