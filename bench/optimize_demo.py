@@ -4,9 +4,10 @@ Searches on the validation splits (never test), confirms the chosen front member
 rank-1 edit (trial 0, measured in the same run) on the shipped test splits with the default
 judge at 128 new tokens, and writes ``bench/optimize_demo.json`` plus a blind sample of answers
 for hand labelling (``bench/optimize_blind.jsonl``: shuffled, conditions hidden;
-``bench/optimize_blind_key.json``: which condition each came from).
+``bench/optimize_blind_key.json``: which condition each came from; label it blind, then score
+the labels with ``bench/optimize_blind_score.py``).
 
-    .venv/bin/python bench/optimize_demo.py --trials 40 --out runs/demo/optimize
+    .venv/bin/python bench/optimize_demo.py --trials 30 --n 32 --confirm 2   # the README's run
 
 Re-running with ``--resume`` adds trials to the same study.
 """
