@@ -402,8 +402,11 @@ def test_a_signal_during_a_write_leaves_the_previous_run(tmp_path, sig, code):
     out = tmp_path / "run"
     out.mkdir()
     (out / "old.txt").write_text("old")
+    # a suite started in the background (`nohup ... &`) inherits SIGINT ignored; a user's
+    # terminal does not, so the child gets the default disposition back before it starts
     p = subprocess.Popen([sys.executable, "-c", SLOW, str(out)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert p.stdout is not None and p.stdout.readline().strip() == "writing"
     p.send_signal(sig)
     _, stderr = p.communicate(timeout=60)
