@@ -308,18 +308,73 @@ def judge_members(args: argparse.Namespace, folder: Path, heretic: dict[str, Any
     return out
 
 
-def ours(path: str | None) -> dict[str, Any] | None:
-    """Our confirmed members from a ``front.json`` of ``refusaldir optimize`` (same test sets)."""
+def ours(path: str | None, budget: int | None = None) -> dict[str, Any] | None:
+    """Our confirmed members from a ``front.json`` of ``refusaldir optimize`` (same test sets).
+
+    ``budget``: our front as a search of that many trials would have found it — the study's
+    first ``budget`` trials, which a seeded sequential sampler draws the same whatever the total
+    — so the comparison is at heretic's trial budget; confirmed members past it are left out.
+    """
     if not path:
         return None
+    from refusaldir.optimize import pareto
+
     rec = json.loads(Path(path).read_text())
     conf = rec.get("confirmation") or {}
-    return {"front_json": path, "n_trials": (rec.get("config") or {}).get("n_trials"),
-            "front": [{k: r.get(k) for k in ("trial", "refusal", "refusal_rate", "kl", "describe")}
-                      for r in rec.get("front", [])],
+    n = rec.get("n_trials")
+    front = rec.get("front", [])
+    if budget is not None and budget < (n or 0):
+        front = pareto([r for r in rec["trials"] if r["trial"] < budget])
+        n = budget
+    keep = {r["trial"] for r in front} | {(rec.get("rank1") or {}).get("trial")}
+    return {"front_json": path, "n_trials": n, "kl_tokens": (rec.get("config") or {}).get("kl_tokens"),
+            "front": [{k: r.get(k) for k in ("trial", "refusal", "refusal_rate", "kl", "describe")} for r in front],
             "members": [{k: m.get(k) for k in ("name", "trial", "describe", "harmful", "borderline", "kl")}
-                        for m in conf.get("members", [])],
-            "seconds": {k: rec.get(k) for k in ("seconds", "search_seconds") if k in rec} or None}
+                        for m in conf.get("members", []) if m.get("trial") is None or m.get("trial") in keep],
+            "seconds": rec.get("timings")}
+
+
+def comparison_figure(rec: dict[str, Any]) -> Any:
+    """Both fronts in one figure: each tool's search front on its own measure (left), and the
+    confirmed members on the shared one — judged test refusal against multi-token KL (right)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(cols=2, subplot_titles=("search fronts (val prompts, each tool's own measure)",
+                                                "confirmed (test prompts, our judge, same KL)"))
+    her = rec.get("heretic") or {}
+    hf = sorted(her.get("front") or [], key=lambda r: r["kl"])
+    fig.add_trace(go.Scatter(x=[r["kl"] for r in hf], y=[r["refusals"] / max(1, r["n_bad_prompts"]) for r in hf],
+                             mode="lines+markers", name="heretic front (generated refusals, first-token KL)",
+                             marker={"symbol": "diamond", "size": 9, "color": "#ff7f0e"},
+                             text=[f"heretic trial {r['trial']}" for r in hf]), row=1, col=1)
+    us = rec.get("ours") or {}
+    of = us.get("front") or []
+    fig.add_trace(go.Scatter(x=[r["kl"] for r in of], y=[r["refusal_rate"] for r in of], mode="lines+markers",
+                             name=f"refusaldir front (first-token refusal, KL over {us.get('kl_tokens')} tokens)",
+                             marker={"size": 9, "color": "#1f77b4"},
+                             text=[f"trial {r['trial']}: {r['describe']}" for r in of]), row=1, col=1)
+    pts = [("heretic", m) for m in (rec.get("judged") or {}).get("members", []) if "error" not in m]
+    pts += [("refusaldir", m) for m in us.get("members", [])]
+    colour = {"heretic": "#ff7f0e", "refusaldir": "#1f77b4"}
+    for tool, m in pts:
+        if m.get("trial") is None:
+            continue
+        h = m["harmful"]["refusal"]
+        lo, hi = h.get("ci95") or (h["rate"], h["rate"])
+        fig.add_trace(go.Scatter(x=[m["kl"]], y=[h["rate"]], mode="markers+text", text=[m["name"]],
+                                 textposition="top center", showlegend=False,
+                                 error_y={"type": "data", "symmetric": False, "array": [hi - h["rate"]],
+                                          "arrayminus": [h["rate"] - lo]},
+                                 marker={"size": 11, "color": colour[tool],
+                                         "symbol": "diamond" if tool == "heretic" else "circle"}), row=1, col=2)
+    fig.update_xaxes(type="log", title_text="KL on harmless val prompts", row=1, col=1)
+    fig.update_xaxes(type="log", title_text="KL over the unedited greedy continuation (harmless test)", row=1, col=2)
+    fig.update_yaxes(title_text="refusal rate (harmful val)", row=1, col=1)
+    fig.update_yaxes(title_text="judged strict refusal (harmful test, 95% CI)", row=1, col=2)
+    fig.update_layout(template="plotly_white", title="heretic and refusaldir optimize at the same trial budget",
+                      legend={"orientation": "h", "y": -0.2})
+    return fig
 
 
 def main() -> int:
@@ -346,6 +401,8 @@ def main() -> int:
     ap.add_argument("--limit-test", type=int, default=None, help="first N test prompts per set (smoke runs)")
     ap.add_argument("--baseline", action="store_true", help="also judge the unedited model")
     ap.add_argument("--ours", default=None, help="front.json of `refusaldir optimize` to put alongside")
+    ap.add_argument("--ours-trials", type=int, default=None,
+                    help="our front after this many trials (default: --trials, heretic's budget)")
     ap.add_argument("--reinstall", action="store_true")
     ap.add_argument("--skip-heretic", action="store_true", help="reuse --work's finished heretic run")
     ap.add_argument("--quiet", action="store_true")
@@ -397,13 +454,14 @@ def main() -> int:
             return 1
         stage = "judge"
         rec["judged"] = judge_members(args, folder, rec["heretic"], save)
-        rec["ours"] = ours(args.ours)
+        rec["ours"] = ours(args.ours, args.ours_trials or args.trials)
     except Exception as e:
         rec["error"] = {"stage": stage, "message": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
         save()
         raise
     rec["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     save()
+    comparison_figure(rec).write_html(out_path.with_suffix(".html"), include_plotlyjs=True)
     for m in rec["judged"]["members"]:
         if "error" in m:
             print(f"{m['name']}: {m['error']}")
