@@ -57,7 +57,7 @@ def confirm_front(
     named: list[tuple[str, dict[str, Any] | None]] = [("baseline", None)]
     if search.get("rank1") is not None:
         named.append(("rank1", search["rank1"]))
-    named += [(f"trial{r['trial']}", r) for r in chosen if not r.get("rank1")]
+    named += [(f"trial{r['trial']}", r) for r in chosen]
     conds = [Condition(name, () if row is None else (build_edit(row["params"], ds, n_layers, extra),),
                        description="unedited" if row is None else row["describe"])
              for name, row in named]
