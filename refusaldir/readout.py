@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "completion_loss", "decoder_of", "final_logits", "first_token_kl", "first_token_logprobs",
-    "kl_divergence", "refusal_score", "text_loss",
+    "greedy_refusal_margin", "kl_divergence", "refusal_score", "text_loss",
 ]
 
 
@@ -97,6 +97,14 @@ def refusal_score(
         >>> refusal_score(torch.zeros(1, 4), [0, 1]).item()
         0.0
     """
+    x, mask = _refusal_mask(logits_last, refusal_ids)
+    lse_ref = torch.logsumexp(x[:, mask], dim=-1)
+    lse_rest = torch.logsumexp(x.masked_fill(mask, float("-inf")), dim=-1)
+    return lse_ref - lse_rest
+
+
+def _refusal_mask(logits_last: Tensor, refusal_ids: Sequence[int] | Tensor) -> tuple[Tensor, Tensor]:
+    """The logits in float64 and a vocabulary mask of the refusal tokens (checked)."""
     ids = torch.as_tensor(refusal_ids, dtype=torch.long, device=logits_last.device).flatten()
     if ids.numel() == 0:
         raise ConfigError("refusal_ids is empty; pass at least one refusal token id")
@@ -113,9 +121,25 @@ def refusal_score(
     mask[ids] = True
     if bool(mask.all()):
         raise ConfigError("every vocabulary token is a refusal token; the log-odds are undefined")
-    lse_ref = torch.logsumexp(x[:, mask], dim=-1)
-    lse_rest = torch.logsumexp(x.masked_fill(mask, float("-inf")), dim=-1)
-    return lse_ref - lse_rest
+    return x, mask
+
+
+def greedy_refusal_margin(
+    logits_last: Float[Tensor, "batch vocab"], refusal_ids: Sequence[int] | Tensor
+) -> Float[Tensor, " batch"]:
+    """The best refusal token's logit minus the best other token's: > 0 exactly when greedy
+    decoding's first token is a refusal token.
+
+    :func:`refusal_score` asks whether refusal tokens hold over half of the probability; greedy
+    decoding opens with "I" whenever it is the single most likely token, which on the demo model
+    happens at ``p_ref`` near 0.3. This margin is what a greedy answer's first token follows.
+
+    Example:
+        >>> greedy_refusal_margin(torch.tensor([[2.0, 1.0, 1.5]]), [0]).item()
+        0.5
+    """
+    x, mask = _refusal_mask(logits_last, refusal_ids)
+    return x[:, mask].max(-1).values - x.masked_fill(mask, float("-inf")).max(-1).values
 
 
 def _left_pad(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor, Tensor]:

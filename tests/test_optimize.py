@@ -88,6 +88,8 @@ def test_study_from_another_model_or_scoring_is_refused_before_loading(qwen, ds,
         check_study(tmp_path, other, _cfg())
     with pytest.raises(ArtifactError, match="another scoring"):
         check_study(tmp_path, ds, _cfg(kl_tokens=2))
+    with pytest.raises(ArtifactError, match="another scoring"):
+        check_study(tmp_path, ds, _cfg(readout="log_odds"))
 
 
 def test_scores_are_real_measurements(qwen, ds):
@@ -106,6 +108,43 @@ def test_scores_are_real_measurements(qwen, ds):
     cfg2 = _cfg(kl_ceiling=1e-6)
     skip = TrialScorer(qwen, cfg2, HARMFUL, HARMLESS, BORDER, [5, 6, 7]).score(Edit.from_directions(ds, qwen.n_layers))
     assert skip["skipped"] and skip["refusal"] == 1.0
+
+
+def test_greedy_readout_follows_the_greedy_first_token_where_log_odds_do_not():
+    from refusaldir.readout import greedy_refusal_margin, refusal_score
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(64, 11, generator=g) * 3
+    ids = [0, 1, 2]
+    margin = greedy_refusal_margin(logits, ids)
+    assert torch.equal(margin > 0, torch.isin(logits.argmax(-1), torch.tensor(ids)))
+    # "I" the single likeliest token at p = 0.3: greedy opens with it, yet the log-odds read "no refusal"
+    spread = torch.log(torch.tensor([[0.3] + [0.7 / 10] * 10]))
+    assert greedy_refusal_margin(spread, [0]).item() > 0 > refusal_score(spread, [0]).item()
+
+
+def test_generated_tokens_count_refusals_the_first_token_misses(qwen, ds, monkeypatch):
+    from refusaldir.judges import Judgement
+
+    edit = Edit.from_directions(ds, qwen.n_layers)
+    first = TrialScorer(qwen, _cfg(), HARMFUL, HARMLESS, BORDER, [5, 6, 7]).score(edit)
+    assert "late_refusal" not in first and first["refusal_rate"] == first["refusal_first"]
+    gen = TrialScorer(qwen, _cfg(gen_tokens=3, gen_below=1.0), HARMFUL, HARMLESS, BORDER, [5, 6, 7])
+    s = gen.score(edit)
+    assert "late_refusal" in s and s["kl"] == pytest.approx(first["kl"], abs=1e-9)
+    assert s["refusal_rate"] >= s["refusal_first"] == first["refusal_first"]
+    refusing = lambda self, p, r: [Judgement("refusal", 0.9, "x", "test") for _ in r]  # noqa: E731
+    monkeypatch.setattr(type(gen.judge), "judge_many", refusing)
+    s = gen.score(edit)
+    assert s["refusal_rate"] == 1.0 and s["refusal"] == 1.0
+    assert s["late_refusal"] == pytest.approx(1.0 - s["refusal_first"])
+    # nearly every token a refusal token: the first-token rate is over gen_below, so no generation
+    vocab = qwen.hf.config.vocab_size
+    never = TrialScorer(qwen, _cfg(gen_tokens=3, gen_below=0.5), HARMFUL, HARMLESS, BORDER, range(vocab - 1))
+    assert "late_refusal" in never.baseline_scores()  # the baseline always generates, for the record
+    monkeypatch.setattr(TrialScorer, "_late", lambda self, interventions: pytest.fail("generated"))
+    s = never.score(edit)
+    assert s["refusal_first"] > 0.5 and "late_refusal" not in s
 
 
 def test_multi_token_kl_equals_first_token_kl_for_one_token():
@@ -165,6 +204,10 @@ def test_bad_input_is_one_clear_error(tmp_path):
         OptimizeConfig(subspaces=("refusal", "svd"))
     with pytest.raises(ConfigError, match="n_trials"):
         OptimizeConfig(n_trials=0)
+    with pytest.raises(ConfigError, match="readout='argmax' must be one of greedy, log_odds"):
+        OptimizeConfig(readout="argmax")
+    with pytest.raises(ConfigError, match="gen_tokens"):
+        OptimizeConfig(gen_tokens=-1)
     (tmp_path / "front.json").write_text(json.dumps({"front": [{"trial": 0}]}))
     with pytest.raises(ConfigError, match="has 1 members"):
         parse_member(f"{tmp_path / 'front.json'}#3")

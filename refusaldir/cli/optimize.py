@@ -65,6 +65,9 @@ def optimize_cmd(
     n_harmless: Annotated[int, typer.Option(min=2, help="harmless validation prompts for the KL")] = 48,
     n_borderline: Annotated[int, typer.Option(min=0, help="borderline-safe prompts (search half) for over-refusal; 0: off")] = 48,
     over_refusal_margin: Annotated[float, typer.Option(help="feasible: over-refusal at most the unedited model's plus this")] = 0.02,
+    readout: Annotated[str, typer.Option(help="first-token refusal: greedy (the answer would open with a refusal token) or log_odds (refusal tokens hold over half the probability)")] = "greedy",
+    gen_tokens: Annotated[int, typer.Option(min=0, help="also generate this many tokens per harmful prompt, read by the phrase judge, in trials whose first tokens rarely refuse (0: off)")] = 0,
+    gen_below: Annotated[float, typer.Option(help="generate only in trials whose first-token refusal rate is at most this")] = 0.25,
     sources: Annotated[str, typer.Option(help="direction sources searched: selected, per_layer, index")] = "selected,per_layer,index",
     subspaces: Annotated[str, typer.Option(help="subspaces searched: refusal, harmfulness, categories, pca")] = "refusal,harmfulness,categories,pca",
     variants: Annotated[str, typer.Option(help="variants searched: plain, projected, norm_preserving")] = "plain,projected,norm_preserving",
@@ -96,7 +99,8 @@ def optimize_cmd(
     cfg = OptimizeConfig(
         n_trials=trials, sampler=sampler, seed=seed, kl_tokens=kl_tokens, kl_ceiling=kl_ceiling,
         n_harmful=n_harmful, n_harmless=n_harmless, n_borderline=n_borderline,
-        over_refusal_margin=over_refusal_margin, sources=_csv(sources), subspaces=_csv(subspaces),
+        over_refusal_margin=over_refusal_margin, readout=readout, gen_tokens=gen_tokens, gen_below=gen_below,
+        sources=_csv(sources), subspaces=_csv(subspaces),
         variants=_csv(variants),
         confirm=confirm, max_new_tokens=max_new_tokens, judge=judge, cross_judges=crosses,
         batch_size=batch_size, progress=not as_json)

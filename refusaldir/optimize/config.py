@@ -17,12 +17,14 @@ from refusaldir.batching import AUTO, BatchSize
 from refusaldir.errors import ConfigError
 from refusaldir.steer import SUBSPACES
 
-__all__ = ["SAMPLERS", "SOURCE_CHOICES", "OptimizeConfig", "make_sampler"]
+__all__ = ["READOUTS", "SAMPLERS", "SOURCE_CHOICES", "OptimizeConfig", "make_sampler"]
 
 #: Optuna samplers by name (``--sampler``); any other name of ``optuna.samplers`` works too.
 SAMPLERS = {"tpe": "TPESampler", "nsga2": "NSGAIISampler", "random": "RandomSampler",
             "qmc": "QMCSampler", "gp": "GPSampler"}
 SOURCE_CHOICES = ("selected", "per_layer", "index")
+#: How the inner loop reads a first-token refusal (see :class:`OptimizeConfig`).
+READOUTS = ("greedy", "log_odds")
 #: Optuna samplers that handle two objectives (others, e.g. CmaEsSampler, are refused up front).
 MULTI_OBJECTIVE = ("TPESampler", "NSGAIISampler", "NSGAIIISampler", "RandomSampler", "QMCSampler", "GPSampler")
 
@@ -77,12 +79,18 @@ def make_sampler(name: str, seed: int) -> Any:
 class OptimizeConfig:
     """What the search varies, how each trial is scored, and how the front is confirmed.
 
-    Inner loop (per trial, first-token scoring on *validation* prompts, never test):
-    ``n_harmful`` harmful val prompts (refusal), ``n_harmless`` harmless val prompts (KL over
-    the first ``kl_tokens`` tokens of the unedited model's greedy continuation) and
-    ``n_borderline`` prompts of the borderline set's search half (over-refusal). A trial whose
-    KL exceeds ``kl_ceiling`` skips the refusal passes. A trial is infeasible when its
-    over-refusal exceeds the unedited model's by more than ``over_refusal_margin``.
+    Inner loop (per trial, on *validation* prompts, never test): ``n_harmful`` harmful val
+    prompts (refusal), ``n_harmless`` harmless val prompts (KL over the first ``kl_tokens``
+    tokens of the unedited model's greedy continuation) and ``n_borderline`` prompts of the
+    borderline set's search half (over-refusal). The first token counts as a refusal by
+    ``readout``: ``"greedy"`` (greedy decoding would open with a refusal token) or
+    ``"log_odds"`` (refusal tokens hold over half the probability). A trial whose first-token
+    refusal rate is at most ``gen_below`` also writes ``gen_tokens`` greedy tokens per harmful
+    prompt, read by the phrase judge, so refusals after a preamble count too (off by default:
+    on the demo model 24 tokens found no refusal the greedy first token missed, at 2.5x a
+    trial's cost). A trial whose KL exceeds ``kl_ceiling`` skips the refusal passes. A trial
+    is infeasible when its over-refusal exceeds the unedited model's by more than
+    ``over_refusal_margin``.
 
     Confirmation: the ``confirm`` front members with the lowest refusal (plus the rank-1 edit
     and the unedited model) are generated on the **test** splits with ``max_new_tokens`` and
@@ -98,6 +106,9 @@ class OptimizeConfig:
     n_harmless: int = 48
     n_borderline: int = 48
     over_refusal_margin: float = 0.02
+    readout: str = "greedy"
+    gen_tokens: int = 0
+    gen_below: float = 0.25
     sources: tuple[str, ...] = SOURCE_CHOICES
     subspaces: tuple[str, ...] = SUBSPACES
     variants: tuple[str, ...] = ("plain", "projected", "norm_preserving")
@@ -119,6 +130,10 @@ class OptimizeConfig:
         for name in ("n_harmful", "n_harmless", "n_borderline"):
             setattr(self, name, _int(getattr(self, name), name, 0 if name == "n_borderline" else 2, 100_000))
         self.over_refusal_margin = _real(self.over_refusal_margin, "over_refusal_margin", 0.0, 1.0)
+        if self.readout not in READOUTS:
+            raise ConfigError(f"readout={self.readout!r} must be one of {', '.join(READOUTS)}")
+        self.gen_tokens = _int(self.gen_tokens, "gen_tokens", 0, 4096)
+        self.gen_below = _real(self.gen_below, "gen_below", 0.0, 1.0)
         self.sources = self._subset("sources", self.sources, SOURCE_CHOICES)
         self.subspaces = self._subset("subspaces", self.subspaces, SUBSPACES)
         self.variants = self._subset("variants", self.variants, ("plain", "projected", "norm_preserving"))
@@ -137,8 +152,8 @@ class OptimizeConfig:
 
     def scoring(self) -> dict[str, Any]:
         """The settings that decide a trial's scores (a resumed study must not change them)."""
-        keys = ("kl_tokens", "kl_ceiling", "n_harmful", "n_harmless", "n_borderline",
-                "over_refusal_margin", "sources", "subspaces", "variants", "max_k")
+        keys = ("kl_tokens", "kl_ceiling", "n_harmful", "n_harmless", "n_borderline", "over_refusal_margin",
+                "readout", "gen_tokens", "gen_below", "sources", "subspaces", "variants", "max_k")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k in keys}
 
     def to_dict(self) -> dict[str, Any]:

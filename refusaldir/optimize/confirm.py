@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from refusaldir.data import load_prompts
@@ -68,7 +69,7 @@ def confirm_front(
     res = evaluate(model, ds, datasets=datasets, judge=cfg.judge, cross_judges=cfg.cross_judges,
                    max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                    progress=cfg.progress, prebuilt=conds)
-    scorer = TrialScorer(model, cfg, harmful, harmless, [], search["refusal_ids"])
+    scorer = TrialScorer(model, replace(cfg, gen_tokens=0), harmful, harmless, [], search["refusal_ids"])  # KL only
     members = []
     for cond, (name, row) in zip(conds, named):
         summ = res.results["conditions"][name]["datasets"]

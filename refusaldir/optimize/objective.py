@@ -1,10 +1,13 @@
 """The optimiser's cheap inner loop, on selection's :class:`~refusaldir.select.ForwardEngine`.
 
-Per trial, with the edit's hooks: the refusal log-odds of the first token on harmful
-validation prompts, KL(unedited ‖ edited) over the first ``kl_tokens`` tokens of the unedited
-model's greedy continuation of harmless validation prompts (teacher-forced, one pass), and
-the refusal rate on the borderline set's search half. The shared system-prompt prefix runs
-once per pass; a trial whose KL exceeds the ceiling skips the refusal passes.
+Per trial, with the edit's hooks: whether the first token on harmful validation prompts is a
+refusal (the greedy margin, or the log-odds), KL(unedited ‖ edited) over the first
+``kl_tokens`` tokens of the unedited model's greedy continuation of harmless validation
+prompts (teacher-forced, one pass), and the refusal rate on the borderline set's search half.
+A trial whose first tokens rarely refuse also writes ``gen_tokens`` greedy tokens per harmful
+prompt, read by the phrase judge: refusals after a preamble ("As an AI, I cannot ...") and
+openers the first-token readout misses count. The shared system-prompt prefix runs once per
+pass; a trial whose KL exceeds the ceiling skips the refusal passes.
 
 Example:
     >>> scorer = TrialScorer(model, cfg, harmful, harmless, borderline, refusal_ids)  # doctest: +SKIP
@@ -23,8 +26,10 @@ from torch import Tensor
 
 from refusaldir.batching import resolve_batch_size
 from refusaldir.errors import ConfigError
+from refusaldir.generation import generate
+from refusaldir.judges import PhraseJudge, refused
 from refusaldir.optimize.config import OptimizeConfig
-from refusaldir.readout import refusal_score
+from refusaldir.readout import greedy_refusal_margin, refusal_score
 from refusaldir.select import ForwardEngine
 from refusaldir.steer import Edit
 
@@ -62,6 +67,8 @@ class TrialScorer:
             model.template.check_lengths(texts, reserve=cfg.kl_tokens, what=name)
         self.eng = ForwardEngine(model, sets, batch_size=resolve_batch_size(cfg.batch_size, model),
                                  share_prefix=True)
+        self.harmful = list(harmful)
+        self.judge = PhraseJudge()
         self.calls = 0
         self.base = self._baseline()
 
@@ -85,28 +92,47 @@ class TrialScorer:
         assert logits is not None
         base = {"kl_logits": logits.reshape(len(cont), n, -1), "continuation": cont}
         base["refusal"] = self._refusal("harmful", [])
+        base["late"] = self._late([]) if self.cfg.gen_tokens else None
         if "borderline" in self.eng.sets:
             base["over"] = self._refusal("borderline", [])
         return base
 
     def _refusal(self, name: str, fwd: Any) -> Tensor:
+        """Per prompt: > 0 when the first token counts as a refusal (``cfg.readout``)."""
         logits, _, _ = self.eng.run(name, self._idx(name), fwd)
         assert logits is not None
-        return refusal_score(logits, self.refusal_ids).cpu()
+        read = greedy_refusal_margin if self.cfg.readout == "greedy" else refusal_score
+        return read(logits, self.refusal_ids).cpu()
+
+    def _late(self, interventions: Sequence[Any]) -> Tensor:
+        """Per harmful prompt: 1.0 when ``gen_tokens`` greedy tokens read as a refusal (or partial)."""
+        done = generate(self.model, self.harmful, interventions, max_new_tokens=self.cfg.gen_tokens,
+                        batch_size=self.cfg.batch_size)
+        labels = [j.label for j in self.judge.judge_many(self.harmful, [c.completion for c in done])]
+        return torch.tensor([float(refused(x)) for x in labels], dtype=torch.float64)
+
+    def _combine(self, r: Tensor, late: Tensor | None) -> dict[str, float]:
+        soft, hard = torch.sigmoid(r), (r > 0).double()
+        out = {"refusal_first": float(hard.mean())}
+        if late is not None:
+            soft, hard = torch.maximum(soft, late), torch.maximum(hard, late)
+            out["late_refusal"] = float(((late > 0) & (r <= 0)).double().mean())
+        out.update(refusal=float(soft.mean()), refusal_rate=float(hard.mean()))
+        return out
 
     def baseline_scores(self) -> dict[str, float]:
         """The unedited model's refusal (soft and rate) and over-refusal, on the search prompts."""
-        r = self.base["refusal"]
-        out = {"refusal": float(torch.sigmoid(r).mean()), "refusal_rate": float((r > 0).double().mean()),
-               "kl": 0.0}
+        out = {**self._combine(self.base["refusal"], self.base["late"]), "kl": 0.0}
         if "over" in self.base:
             out["over_refusal"] = float((self.base["over"] > 0).double().mean())
         return out
 
     def score(self, edit: Edit) -> dict[str, float | bool]:
-        """``refusal`` (mean sigmoid of the refusal log-odds: a smooth refusal rate),
-        ``refusal_rate`` (log-odds > 0), ``kl`` (mean per-token KL over the continuation),
-        ``over_refusal`` (borderline rate) and ``skipped`` (KL over the ceiling)."""
+        """``refusal`` (a smooth refusal rate: per prompt the sigmoid of the first-token readout,
+        or 1 when the generated tokens refuse), ``refusal_rate`` (first token or generated tokens
+        refuse), ``refusal_first`` (first token only), ``late_refusal`` (generated tokens only;
+        present when the trial generated), ``kl`` (mean per-token KL over the continuation),
+        ``over_refusal`` (borderline first-token rate) and ``skipped`` (KL over the ceiling)."""
         fwd = edit.hook_list(self.model)
         self.calls += 1
         n = self.cfg.kl_tokens
@@ -118,7 +144,8 @@ class TrialScorer:
             out.update(refusal=1.0, refusal_rate=1.0, over_refusal=1.0)
             return out
         r = self._refusal("harmful", fwd)
-        out.update(refusal=float(torch.sigmoid(r).mean()), refusal_rate=float((r > 0).double().mean()))
+        gen = self.cfg.gen_tokens > 0 and float((r > 0).double().mean()) <= self.cfg.gen_below
+        out.update(self._combine(r, self._late([edit]) if gen else None))
         if "borderline" in self.eng.sets:
             out["over_refusal"] = float((self._refusal("borderline", fwd) > 0).double().mean())
         return out
