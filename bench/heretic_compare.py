@@ -22,6 +22,7 @@ Usage:
     python bench/heretic_compare.py --trials 60                  # full run (see README of #24)
     python bench/heretic_compare.py --trials 2 --limit-test 8 --members 1 --response-prefix ''
     python bench/heretic_compare.py --trials 60 --ours runs/demo/optimize/front.json
+    python bench/heretic_compare.py --trials 10 --ours-only --ours runs/demo/optimize-h10/front.json
 
 Writes ``bench/heretic_compare.json`` (after every stage, so a failure leaves its exact
 error there); heretic's log, study and saved models stay in ``--work``.
@@ -406,7 +407,18 @@ def main() -> int:
     ap.add_argument("--reinstall", action="store_true")
     ap.add_argument("--skip-heretic", action="store_true", help="reuse --work's finished heretic run")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--ours-only", action="store_true",
+                    help="keep --out's heretic run and judged members; replace only our side (--ours) and the figure")
     args = ap.parse_args()
+    if args.ours_only:
+        if not args.ours:
+            ap.error("--ours-only needs --ours FRONT_JSON")
+        kept = json.loads(Path(args.out).read_text())
+        kept["ours"] = ours(args.ours, args.ours_trials or args.trials)
+        kept["ours_replaced"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        Path(args.out).write_text(json.dumps(kept, indent=1, default=str) + "\n")
+        comparison_figure(kept).write_html(Path(args.out).with_suffix(".html"), include_plotlyjs=True)
+        return 0
 
     work = Path(args.work)
     (work / "models").mkdir(parents=True, exist_ok=True)

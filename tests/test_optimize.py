@@ -184,7 +184,8 @@ def test_optimize_edit_writes_front_and_members_rebuild(qwen, ds, tmp_path, tol)
     assert "rank1" in names
     for m in saved["confirmation"]["members"]:
         assert 0 <= m["harmful"]["refusal"]["rate"] <= 1 and m["harmful"]["refusal"]["n"] == 3
-    assert "Confirmed on the test splits" in (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert "Confirmed on the test splits" in md and "refusal: greedy first token)" in md
     edit, member = load_member(f"{tmp_path / 'front.json'}#0", ds)
     assert member == rec["front"][0] or member["trial"] == rec["front"][0]["trial"]
     with edit.apply(qwen):

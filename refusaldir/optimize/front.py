@@ -57,9 +57,17 @@ def front_figure(record: dict[str, Any], others: dict[str, list[dict[str, Any]]]
                                  mode="lines+markers", name=name, marker={"size": 9, "symbol": "diamond"}))
     fig.update_layout(title="refusal–damage front (search prompts)",
                       xaxis_title=f"KL over the first {record['config']['kl_tokens']} tokens (harmless val)",
-                      yaxis_title="first-token refusal rate (harmful val)", xaxis_type="log",
+                      yaxis_title=f"refusal rate (harmful val; {search_measure(record['config'])})", xaxis_type="log",
                       template="plotly_white")
     return fig
+
+
+def search_measure(cfg: dict[str, Any]) -> str:
+    """How a saved run's search counted a refusal, in words (records from before ``readout``
+    existed used the log-odds)."""
+    first = {"greedy": "greedy first token", "log_odds": "first-token log-odds > 0"}[cfg.get("readout", "log_odds")]
+    n = int(cfg.get("gen_tokens", 0))
+    return f"{first} or a refusal in {n} generated tokens" if n else first
 
 
 def front_markdown(record: dict[str, Any]) -> str:
@@ -72,7 +80,7 @@ def front_markdown(record: dict[str, Any]) -> str:
         f"(setup {t['setup_s']:.0f} s) on {record['prompts']['harmful']} harmful / "
         f"{record['prompts']['harmless']} harmless / {record['prompts']['borderline']} borderline search prompts; "
         f"KL over {cfg['kl_tokens']} tokens; over-refusal limit {record['over_refusal_limit']:.3f}.", "",
-        "## Front (search prompts, first token)", "",
+        f"## Front (search prompts; refusal: {search_measure(cfg)})", "",
         "| # | trial | refusal rate | KL | over-refusal | edit |", "|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(record["front"]):
