@@ -7,7 +7,7 @@ for hand labelling (``bench/optimize_blind.jsonl``: shuffled, conditions hidden;
 ``bench/optimize_blind_key.json``: which condition each came from; label it blind, then score
 the labels with ``bench/optimize_blind_score.py``).
 
-    .venv/bin/python bench/optimize_demo.py --trials 30 --n 32 --confirm 2   # the README's run
+    .venv/bin/python bench/optimize_demo.py --trials 40 --n 48 --confirm 2   # the README's run
 
 Re-running with ``--resume`` adds trials to the same study.
 """
