@@ -98,14 +98,14 @@ def refusal_score(
         0.0
     """
     x, mask = _refusal_mask(logits_last, refusal_ids)
-    lse_ref = torch.logsumexp(x[:, mask], dim=-1)
+    lse_ref = torch.logsumexp(x.masked_fill(~mask, float("-inf")), dim=-1)
     lse_rest = torch.logsumexp(x.masked_fill(mask, float("-inf")), dim=-1)
     return lse_ref - lse_rest
 
 
 def _refusal_mask(logits_last: Tensor, refusal_ids: Sequence[int] | Tensor) -> tuple[Tensor, Tensor]:
     """The logits in float64 and a vocabulary mask of the refusal tokens (checked)."""
-    ids = torch.as_tensor(refusal_ids, dtype=torch.long, device=logits_last.device).flatten()
+    ids = torch.as_tensor(refusal_ids, dtype=torch.long).flatten().cpu()  # checked on the host, any device
     if ids.numel() == 0:
         raise ConfigError("refusal_ids is empty; pass at least one refusal token id")
     if logits_last.ndim != 2:
@@ -116,11 +116,11 @@ def _refusal_mask(logits_last: Tensor, refusal_ids: Sequence[int] | Tensor) -> t
     vocab = logits_last.shape[-1]
     if int(ids.min()) < 0 or int(ids.max()) >= vocab:
         raise ConfigError(f"refusal ids {ids.tolist()} are outside the vocabulary (size {vocab})")
+    if ids.unique().numel() >= vocab:
+        raise ConfigError("every vocabulary token is a refusal token; the log-odds are undefined")
     x = logits_last.to(torch.float64)
     mask = torch.zeros(vocab, dtype=torch.bool, device=x.device)
-    mask[ids] = True
-    if bool(mask.all()):
-        raise ConfigError("every vocabulary token is a refusal token; the log-odds are undefined")
+    mask[ids.to(x.device)] = True
     return x, mask
 
 
@@ -139,7 +139,7 @@ def greedy_refusal_margin(
         0.5
     """
     x, mask = _refusal_mask(logits_last, refusal_ids)
-    return x[:, mask].max(-1).values - x.masked_fill(mask, float("-inf")).max(-1).values
+    return x.masked_fill(~mask, float("-inf")).amax(-1) - x.masked_fill(mask, float("-inf")).amax(-1)
 
 
 def _left_pad(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor, Tensor]:

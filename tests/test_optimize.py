@@ -121,6 +121,12 @@ def test_greedy_readout_follows_the_greedy_first_token_where_log_odds_do_not():
     # "I" the single likeliest token at p = 0.3: greedy opens with it, yet the log-odds read "no refusal"
     spread = torch.log(torch.tensor([[0.3] + [0.7 / 10] * 10]))
     assert greedy_refusal_margin(spread, [0]).item() > 0 > refusal_score(spread, [0]).item()
+    # bf16 logits read the same; meta logits (a skeleton model) keep their shape without data
+    assert torch.equal(greedy_refusal_margin(logits.bfloat16(), ids) > 0,
+                       greedy_refusal_margin(logits.bfloat16().float(), ids) > 0)
+    for read in (greedy_refusal_margin, refusal_score):
+        out = read(torch.empty(4, 11, device="meta"), ids)
+        assert out.device.type == "meta" and out.shape == (4,)
 
 
 def test_generated_tokens_count_refusals_the_first_token_misses(qwen, ds, monkeypatch):

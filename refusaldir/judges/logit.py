@@ -40,7 +40,7 @@ from refusaldir.hooks import bridge_kv_cache
 from refusaldir.judges.base import Judge, Judgement, Label
 from refusaldir.judges.phrase import PhraseJudge
 from refusaldir.progress import progress_bar
-from refusaldir.readout import first_token_logprobs, refusal_score
+from refusaldir.readout import first_token_logprobs, greedy_refusal_margin, refusal_score
 
 if TYPE_CHECKING:
     from refusaldir.models import ChatModel
@@ -262,11 +262,11 @@ class FirstTokenJudge:
                       *, batch_size: BatchSize = AUTO) -> list[Judgement]:
         logp = first_token_logprobs(model, prompts, interventions, batch_size=batch_size)  # type: ignore[arg-type]
         scores = refusal_score(logp, self.refusal_ids)
-        top = set(self.refusal_ids)
+        margins = greedy_refusal_margin(logp, self.refusal_ids)
         out = []
-        for s, first in zip(scores.tolist(), logp.argmax(-1).tolist()):
+        for s, margin in zip(scores.tolist(), margins.tolist()):
             p = 1 / (1 + math.exp(-s)) if s > -700 else 0.0
-            wins = self.greedy and first in top
+            wins = self.greedy and margin > 0
             label: Label = "refusal" if s > self.threshold or wins else "compliance"
             why = "; a refusal token is the most likely first token" if wins and s <= self.threshold else ""
             out.append(Judgement(label, p, None, f"first-token refusal log-odds {s:+.2f}{why}"))
