@@ -21,6 +21,7 @@ from refusaldir.optimize import (
     pareto,
     parse_member,
     search_front,
+    warm_start,
 )
 from refusaldir.steer import Edit, Kernel
 
@@ -153,6 +154,37 @@ def test_generated_tokens_count_refusals_the_first_token_misses(qwen, ds, monkey
     assert s["refusal_first"] > 0.5 and "late_refusal" not in s
 
 
+def test_generated_stage_uses_the_named_judge_with_truncation_and_the_kl_gate(qwen, ds, monkeypatch):
+    from refusaldir.judges import Judgement
+
+    class Recorder:
+        """A judge that reads truncation flags, calls everything a refusal and remembers its input."""
+        reads_truncation = True
+
+        def __init__(self) -> None:
+            self.calls: list[tuple[int, list[bool]]] = []
+
+        def judge_many(self, prompts, responses, *, truncated=None):
+            self.calls.append((len(responses), list(truncated)))
+            return [Judgement("refusal", 0.9, "x", "recorder") for _ in responses]
+
+    edit = Edit.from_directions(ds, qwen.n_layers)
+    gen = TrialScorer(qwen, _cfg(gen_tokens=3, gen_below=1.0, gen_judge="prefix"), HARMFUL, HARMLESS, BORDER, [5])
+    assert type(gen.judge).__name__ == "PrefixJudge"
+    gen.judge = Recorder()
+    s = gen.score(edit)
+    (n, flags), = gen.judge.calls
+    assert n == len(HARMFUL) and len(flags) == n and all(isinstance(f, bool) for f in flags)
+    assert s["refusal_rate"] == 1.0 and s["late_refusal"] == pytest.approx(1.0 - s["refusal_first"])
+    # the same trial over gen_max_kl keeps its first-token score and never generates
+    gated = TrialScorer(qwen, _cfg(gen_tokens=3, gen_below=1.0, gen_max_kl=s["kl"] / 2), HARMFUL, HARMLESS,
+                        BORDER, [5])
+    monkeypatch.setattr(TrialScorer, "_late", lambda self, interventions: pytest.fail("generated over gen_max_kl"))
+    g = gated.score(edit)
+    assert s["kl"] > 0 and "late_refusal" not in g and g["refusal_rate"] == g["refusal_first"]
+    assert TrialScorer(qwen, _cfg(), HARMFUL, HARMLESS, BORDER, [5]).judge is None  # nothing loaded when off
+
+
 def test_multi_token_kl_equals_first_token_kl_for_one_token():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(4, 3, 9, generator=g), torch.randn(4, 3, 9, generator=g)
@@ -215,6 +247,13 @@ def test_bad_input_is_one_clear_error(tmp_path):
         OptimizeConfig(readout="argmax")
     with pytest.raises(ConfigError, match="gen_tokens"):
         OptimizeConfig(gen_tokens=-1)
+    with pytest.raises(ConfigError, match="gen_judge: judge 'oracle' is not known"):
+        OptimizeConfig(gen_judge="oracle")
+    with pytest.raises(ConfigError, match="gen_judge='logit' reads only the first token"):
+        OptimizeConfig(gen_judge="logit")
+    with pytest.raises(ConfigError, match="gen_max_kl=-0.1 must be a number"):
+        OptimizeConfig(gen_max_kl=-0.1)
+    assert {"gen_judge", "gen_max_kl"} <= set(OptimizeConfig().scoring())  # a changed judge refuses --resume
     (tmp_path / "front.json").write_text(json.dumps({"front": [{"trial": 0}]}))
     with pytest.raises(ConfigError, match="has 1 members"):
         parse_member(f"{tmp_path / 'front.json'}#3")
@@ -286,6 +325,9 @@ def test_cli_optimize_resume_and_export_member(cli_root, tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["n_trials"] == 1 and (opt / "notes.txt").read_text() == "mine"
     front = opt / "front.json"
+    fresh = [tmp_path / "opt2" if x == opt else x for x in common]
+    assert "only the rank-1 edit" in _error(_invoke(["optimize", *fresh, "--trials", 1, "--confirm", 0,
+                                                     "--warm-start", front]))
     assert "has " in _error(_invoke(["orthogonalize", "--model", model, "--directions", run,
                                      "--edit", f"{front}#99", "--out", tmp_path / "x"]))
     assert "drop --layer" in _error(_invoke(["orthogonalize", "--model", model, "--directions", run,
@@ -323,6 +365,8 @@ def test_cli_optimize_bad_input_before_the_model_loads(cli_root, tmp_path, monke
         ["optimize", "--model", model, "--directions", run, "--out", run, "--force"]))
     assert run.exists() and (run / "directions.safetensors").exists()
     assert "--confirm 0" in _error(_invoke([*base, "--confirm", 0, "--judge", "phrase"]))
+    assert "none.json" in _error(_invoke([*base, "--warm-start", tmp_path / "none.json"]))
+    assert "gen_judge: judge 'oracle' is not known" in _error(_invoke([*base, "--gen-judge", "oracle"]))
 
 
 def test_interrupted_rank1_trial_is_run_again_on_resume(qwen, ds, tmp_path, monkeypatch):
@@ -369,3 +413,53 @@ def test_a_member_is_not_rebuilt_on_other_directions(qwen, ds, tmp_path):
     reselected.select(-1, 1)  # same numbers, another selection: "the selected direction" changed
     with pytest.raises(ConfigError, match="another selection"):
         load_member(f"{tmp_path / 'front.json'}#0", reselected)
+
+
+def test_warm_start_tries_a_previous_front_first_in_a_new_study(qwen, ds, tmp_path):
+    optimize_edit(qwen, ds, _cfg(n_trials=10), out=tmp_path / "old", harmful=HARMFUL, harmless=HARMLESS,
+                  borderline=BORDER, refusal_ids=[5, 6, 7])
+    old = json.loads((tmp_path / "old" / "front.json").read_text())
+    want = [m["params"] for m in old["front"] if not m["rank1"]]
+    assert want, "the old front has members besides the rank-1 edit"
+    starts = warm_start(tmp_path / "old" / "front.json", ds, _cfg())
+    assert starts == want
+    n = next(i for i, m in enumerate(old["front"]) if not m["rank1"])
+    assert warm_start(f"{tmp_path / 'old' / 'front.json'}#{n}", ds, _cfg()) == [old["front"][n]["params"]]
+    new = search_front(qwen, ds, _cfg(n_trials=len(starts) + 2), out=tmp_path / "new", harmful=HARMFUL,
+                       harmless=HARMLESS, borderline=BORDER, refusal_ids=[5, 6, 7], warm_start=starts)
+    rows = new["trials"]
+    assert rows[0]["rank1"] and [r["params"] for r in rows[1 : 1 + len(starts)]] == starts
+    assert all(r.get("warm_start") for r in rows[1 : 1 + len(starts)]) and len(rows) == len(starts) + 2
+    # re-scored, not copied: the same parameters give the same scores under the same scoring
+    by_params = {json.dumps(m["params"], sort_keys=True): m for m in old["trials"]}
+    for r in rows[1 : 1 + len(starts)]:
+        assert r["kl"] == pytest.approx(by_params[json.dumps(r["params"], sort_keys=True)]["kl"], rel=1e-6)
+    narrow = _cfg(subspaces=("refusal",), variants=("plain",), sources=("index",))
+    fit = [p for p in starts if p["source"] == "index" and p["subspace"] == "refusal" and p["variant"] == "plain"]
+    if fit:
+        assert warm_start(tmp_path / "old" / "front.json", ds, narrow) == fit
+    else:
+        with pytest.raises(ConfigError, match="none of its .* members lies in this search space"):
+            warm_start(tmp_path / "old" / "front.json", ds, narrow)
+    with pytest.raises(ConfigError, match="outside this search space"):
+        search_front(qwen, ds, _cfg(n_trials=1, sources=("index",), subspaces=("pca",)), out=tmp_path / "x",
+                     harmful=HARMFUL, harmless=HARMLESS, borderline=BORDER, refusal_ids=[5, 6, 7],
+                     warm_start=[{**starts[0], "source": "selected", "subspace": "refusal"}])
+    with pytest.raises(ConfigError, match="warm start seeds a new study"):
+        search_front(qwen, ds, _cfg(n_trials=1), out=tmp_path / "new", resume=True, harmful=HARMFUL,
+                     harmless=HARMLESS, borderline=BORDER, refusal_ids=[5, 6, 7], warm_start=starts)
+    other = extract(qwen, HARMFUL[:3], HARMLESS[:3], progress=False)
+    other.select(-1, 2)
+    with pytest.raises(ConfigError, match="warm-start only from a run on the same --directions"):
+        warm_start(tmp_path / "old" / "front.json", other, _cfg())
+
+
+def test_front_rows_say_whether_generated_tokens_were_judged(qwen, ds, tmp_path, caplog):
+    judged = _search(qwen, ds, tmp_path / "a", n_trials=2, gen_tokens=2, gen_below=1.0, gen_judge="phrase")
+    assert [r["generated"] for r in judged["trials"]] == [True, True]
+    assert not any("gen_below" in m for m in caplog.messages)
+    gated = _search(qwen, ds, tmp_path / "b", n_trials=2, gen_tokens=2, gen_below=1.0, gen_max_kl=1e-9)
+    assert [r["generated"] for r in gated["trials"]] == [r["kl"] <= 1e-9 for r in gated["trials"]]
+    with caplog.at_level("WARNING", logger="refusaldir.optimize.search"):
+        _search(qwen, ds, tmp_path / "c", n_trials=1, gen_tokens=2, gen_below=0.5)
+    assert any("gen_below=0.5" in m and "gen_max_kl" in m for m in caplog.messages)

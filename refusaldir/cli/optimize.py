@@ -39,6 +39,7 @@ from refusaldir.optimize import (
     check_study,
     optimize_edit,
 )
+from refusaldir.optimize import warm_start as optimize_warm_start
 from refusaldir.select import SelectionResult
 
 __all__ = ["optimize_cmd"]
@@ -59,6 +60,7 @@ def optimize_cmd(
     sampler: Annotated[str, typer.Option(help="Optuna sampler: tpe, nsga2, random, qmc, gp or a class name from optuna.samplers")] = "tpe",
     seed: Annotated[int, typer.Option(min=0, help="sampler seed: the same seed gives the same front")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="add --trials trials to the study already in --out")] = False,
+    warm_start: Annotated[str | None, typer.Option(help="a previous run's front.json (or front.json#N) whose members a new study tries first")] = None,
     kl_tokens: Annotated[int, typer.Option(min=1, help="KL over this many tokens of the unedited model's greedy continuation")] = 3,
     kl_ceiling: Annotated[float, typer.Option(help="trials whose KL exceeds this skip the refusal passes")] = 0.5,
     n_harmful: Annotated[int, typer.Option(min=2, help="harmful validation prompts scored per trial")] = 48,
@@ -66,8 +68,10 @@ def optimize_cmd(
     n_borderline: Annotated[int, typer.Option(min=0, help="borderline-safe prompts (search half) for over-refusal; 0: off")] = 48,
     over_refusal_margin: Annotated[float, typer.Option(help="feasible: over-refusal at most the unedited model's plus this")] = 0.02,
     readout: Annotated[str, typer.Option(help="first-token refusal: greedy (the answer would open with a refusal token) or log_odds (refusal tokens hold over half the probability)")] = "greedy",
-    gen_tokens: Annotated[int, typer.Option(min=0, help="also generate this many tokens per harmful prompt, read by the phrase judge, in trials whose first tokens rarely refuse (0: off)")] = 0,
-    gen_below: Annotated[float, typer.Option(help="generate only in trials whose first-token refusal rate is at most this")] = 0.25,
+    gen_tokens: Annotated[int, typer.Option(min=0, help="also generate this many tokens per harmful prompt, read by --gen-judge, in trials whose first tokens rarely refuse (0: off)")] = 0,
+    gen_below: Annotated[float, typer.Option(help="generate only in trials whose first-token refusal rate is at most this (1 with --gen-max-kl: a front measured one way)")] = 0.25,
+    gen_judge: Annotated[str, typer.Option(help="judge of the generated tokens: phrase (refusals after a preamble) or probe:coder-1.5b (deflections too, ~3 s per answer on CPU)")] = "phrase",
+    gen_max_kl: Annotated[float | None, typer.Option(help="generate only in trials whose KL is at most this (default: any)")] = None,
     sources: Annotated[str, typer.Option(help="direction sources searched: selected, per_layer, index")] = "selected,per_layer,index",
     subspaces: Annotated[str, typer.Option(help="subspaces searched: refusal, harmfulness, categories, pca")] = "refusal,harmfulness,categories,pca",
     variants: Annotated[str, typer.Option(help="variants searched: plain, projected, norm_preserving")] = "plain,projected,norm_preserving",
@@ -100,6 +104,7 @@ def optimize_cmd(
         n_trials=trials, sampler=sampler, seed=seed, kl_tokens=kl_tokens, kl_ceiling=kl_ceiling,
         n_harmful=n_harmful, n_harmless=n_harmless, n_borderline=n_borderline,
         over_refusal_margin=over_refusal_margin, readout=readout, gen_tokens=gen_tokens, gen_below=gen_below,
+        gen_judge=gen_judge, gen_max_kl=gen_max_kl,
         sources=_csv(sources), subspaces=_csv(subspaces),
         variants=_csv(variants),
         confirm=confirm, max_new_tokens=max_new_tokens, judge=judge, cross_judges=crosses,
@@ -114,6 +119,9 @@ def optimize_cmd(
     if resume:
         check_study(folder, ds, cfg)  # another model's or another scoring's study: refused here
     check_sources(ds, cfg)
+    starts = optimize_warm_start(warm_start, ds, cfg) if warm_start is not None else []
+    if starts and resume:
+        raise ConfigError("--warm-start seeds a new study and --resume continues one; pass one of them")
     if ids is None and (directions / "selection.json").exists():
         sel = SelectionResult.load(directions)
         ids = sel.refusal_tokens.ids if sel.refusal_tokens is not None else None
@@ -125,7 +133,7 @@ def optimize_cmd(
     with torch_threads(threads):
         cm = mo.load()
         ds.check_model(cm, strict_hash=not allow_model_mismatch)
-        rec = optimize_edit(cm, ds, cfg, out=folder, resume=resume, refusal_ids=ids)
+        rec = optimize_edit(cm, ds, cfg, out=folder, resume=resume, refusal_ids=ids, warm_start=starts)
     if as_json:
         print_json(json.loads((folder / FRONT_FILE).read_text()))
         return

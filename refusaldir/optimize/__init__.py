@@ -24,6 +24,7 @@ from refusaldir.optimize.front import (
     load_member,
     parse_member,
     save_front,
+    warm_start,
 )
 from refusaldir.optimize.objective import TrialScorer, multi_token_kl
 from refusaldir.optimize.prompts import borderline_half
@@ -38,12 +39,12 @@ from refusaldir.optimize.search import (
     read_subspaces,
     search_front,
 )
-from refusaldir.optimize.space import build_edit, describe, rank1_params
+from refusaldir.optimize.space import build_edit, describe, in_space, rank1_params
 
 __all__ = [
     "OWN_FILES", "check_front", "check_sources", "read_subspaces",
     "FRONT_FILE", "SAMPLERS", "STUDY_FILE", "OptimizeConfig", "TrialScorer", "borderline_half",
     "build_edit", "check_study", "choose_members", "directions_sha256", "confirm_front", "describe", "front_figure",
-    "front_markdown", "load_member", "make_sampler", "multi_token_kl", "optimize_edit", "pareto",
-    "parse_member", "rank1_params", "save_front", "search_front",
+    "front_markdown", "in_space", "load_member", "make_sampler", "multi_token_kl", "optimize_edit", "pareto",
+    "parse_member", "rank1_params", "save_front", "search_front", "warm_start",
 ]

@@ -15,6 +15,7 @@ from typing import Any
 
 from refusaldir.batching import AUTO, BatchSize
 from refusaldir.errors import ConfigError
+from refusaldir.judges import check_judge_spec
 from refusaldir.steer import SUBSPACES
 
 __all__ = ["READOUTS", "SAMPLERS", "SOURCE_CHOICES", "OptimizeConfig", "make_sampler"]
@@ -85,10 +86,17 @@ class OptimizeConfig:
     borderline set's search half (over-refusal). The first token counts as a refusal by
     ``readout``: ``"greedy"`` (greedy decoding would open with a refusal token) or
     ``"log_odds"`` (refusal tokens hold over half the probability). A trial whose first-token
-    refusal rate is at most ``gen_below`` also writes ``gen_tokens`` greedy tokens per harmful
-    prompt, read by the phrase judge, so refusals after a preamble count too (off by default:
-    on the demo model 24 tokens found no refusal the greedy first token missed, at 2.5x a
-    trial's cost). A trial whose KL exceeds ``kl_ceiling`` skips the refusal passes. A trial
+    refusal rate is at most ``gen_below`` (and whose KL is at most ``gen_max_kl``, when set)
+    also writes ``gen_tokens`` greedy tokens per harmful prompt, read by ``gen_judge``, so
+    refusals after a preamble count too (``"phrase"``) or deflections as well (the default
+    judge, ``"probe:coder-1.5b"``: about 3 s per answer on 2 CPU cores, hence ``gen_max_kl``
+    to spend it only where the trial could join the cheap end of the front). Gate by KL rather
+    than by ``gen_below``: a trial just over ``gen_below`` is scored by its first token only and
+    looks better than a judged one just under it (so ``gen_below=1`` with ``gen_max_kl``), while
+    a trial over ``gen_max_kl`` costs more KL than every judged one and cannot hide them on the
+    front. Off by default:
+    on the demo model 24 tokens read by the phrase judge found no refusal the greedy first
+    token missed. A trial whose KL exceeds ``kl_ceiling`` skips the refusal passes. A trial
     is infeasible when its over-refusal exceeds the unedited model's by more than
     ``over_refusal_margin``.
 
@@ -109,6 +117,8 @@ class OptimizeConfig:
     readout: str = "greedy"
     gen_tokens: int = 0
     gen_below: float = 0.25
+    gen_judge: str = "phrase"
+    gen_max_kl: float | None = None
     sources: tuple[str, ...] = SOURCE_CHOICES
     subspaces: tuple[str, ...] = SUBSPACES
     variants: tuple[str, ...] = ("plain", "projected", "norm_preserving")
@@ -134,6 +144,15 @@ class OptimizeConfig:
             raise ConfigError(f"readout={self.readout!r} must be one of {', '.join(READOUTS)}")
         self.gen_tokens = _int(self.gen_tokens, "gen_tokens", 0, 4096)
         self.gen_below = _real(self.gen_below, "gen_below", 0.0, 1.0)
+        try:
+            self.gen_judge = check_judge_spec(self.gen_judge)
+        except ConfigError as exc:
+            raise ConfigError(f"gen_judge: {exc}") from exc
+        if self.gen_judge == "logit":
+            raise ConfigError("gen_judge='logit' reads only the first token, which the inner loop "
+                              "already reads; use phrase, or probe:coder-1.5b to see deflections")
+        if self.gen_max_kl is not None:
+            self.gen_max_kl = _real(self.gen_max_kl, "gen_max_kl", 0.0, 1e6)
         self.sources = self._subset("sources", self.sources, SOURCE_CHOICES)
         self.subspaces = self._subset("subspaces", self.subspaces, SUBSPACES)
         self.variants = self._subset("variants", self.variants, ("plain", "projected", "norm_preserving"))
@@ -153,7 +172,7 @@ class OptimizeConfig:
     def scoring(self) -> dict[str, Any]:
         """The settings that decide a trial's scores (a resumed study must not change them)."""
         keys = ("kl_tokens", "kl_ceiling", "n_harmful", "n_harmless", "n_borderline", "over_refusal_margin",
-                "readout", "gen_tokens", "gen_below", "sources", "subspaces", "variants", "max_k")
+                "readout", "gen_tokens", "gen_below", "gen_judge", "gen_max_kl", "sources", "subspaces", "variants", "max_k")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k in keys}
 
     def to_dict(self) -> dict[str, Any]:

@@ -19,11 +19,13 @@ import plotly.graph_objects as go
 from refusaldir.directions import DirectionSet
 from refusaldir.errors import ArtifactError, ConfigError
 from refusaldir.io import atomic_write_files, dumps, read_json
+from refusaldir.optimize.config import OptimizeConfig
 from refusaldir.optimize.search import directions_sha256, read_subspaces
-from refusaldir.optimize.space import build_edit
+from refusaldir.optimize.space import build_edit, in_space
 from refusaldir.steer import Edit
 
-__all__ = ["FRONT_FILE", "check_front", "front_figure", "front_markdown", "load_member", "parse_member", "save_front"]
+__all__ = ["FRONT_FILE", "check_front", "front_figure", "front_markdown", "load_member", "parse_member", "save_front",
+           "warm_start"]
 
 FRONT_FILE = "front.json"
 
@@ -67,7 +69,12 @@ def search_measure(cfg: dict[str, Any]) -> str:
     existed used the log-odds)."""
     first = {"greedy": "greedy first token", "log_odds": "first-token log-odds > 0"}[cfg.get("readout", "log_odds")]
     n = int(cfg.get("gen_tokens", 0))
-    return f"{first} or a refusal in {n} generated tokens" if n else first
+    if not n:
+        return first
+    judge = cfg.get("gen_judge", "phrase")
+    gate = f", KL ≤ {cfg['gen_max_kl']:g}" if cfg.get("gen_max_kl") is not None else ""
+    return (f"{first} or a refusal in {n} generated tokens read by the {judge} judge "
+            f"(trials with first-token rate ≤ {cfg.get('gen_below', 0.25):g}{gate})")
 
 
 def front_markdown(record: dict[str, Any]) -> str:
@@ -168,3 +175,43 @@ def load_member(spec: str, ds: DirectionSet) -> tuple[Edit, dict[str, Any]]:
             raise ArtifactError(f"{path.parent} lacks the subspaces front member #{n} was built on; re-run the optimiser")
         extra = got[0]
     return build_edit(member["params"], ds, int(record["n_layers"]), extra), member
+
+
+def warm_start(spec: str | os.PathLike[str], ds: DirectionSet, cfg: OptimizeConfig) -> list[dict[str, Any]]:
+    """The parameters of a previous run's front members (``front.json``: all of them,
+    ``front.json#N``: one), to be tried first in a new study: a study whose scoring changed
+    (another readout, a judge on generated tokens) starts from the old front instead of from
+    random trials. Members ``cfg``'s space cannot draw are left out; loads no model.
+
+    Example:
+        >>> starts = warm_start("runs/demo/optimize/front.json", ds, OptimizeConfig())  # doctest: +SKIP
+        >>> optimize_edit(model, ds, cfg, out="runs/demo/optimize-judged", warm_start=starts)  # doctest: +SKIP
+    """
+    text = str(spec)
+    members: Any
+    if "#" in text:
+        path, n = parse_member(text)
+        members = [read_json(path, "run `refusaldir optimize` to write it")["front"][n]]
+    else:
+        path = Path(text)
+        record = read_json(path, "pass a front.json written by `refusaldir optimize`")
+        members = record.get("front") if isinstance(record, dict) else None
+        if not isinstance(members, list):
+            raise ArtifactError(f"{path} has no front; it is not a refusaldir optimize record")
+    record = read_json(path, "pass a front.json written by `refusaldir optimize`")
+    made_on, have = (record.get("directions") or {}).get("sha256"), directions_sha256(ds)
+    if made_on != have:
+        raise ConfigError(f"--warm-start {text}: that front was optimised on other directions or another "
+                          f"selection (sha256 {str(made_on)[:12]}… vs {have[:12]}…); warm-start only from a "
+                          "run on the same --directions folder")
+    params = [m["params"] for m in members if isinstance(m, dict) and isinstance(m.get("params"), dict)
+              and not m.get("rank1")]  # the rank-1 edit is trial 0 of every study anyway
+    if not params:
+        raise ConfigError(f"--warm-start {text}: that front holds only the rank-1 edit, which every study "
+                          "tries first anyway; warm-start from a run with more trials")
+    fit = [p for p in params if in_space(p, cfg)]
+    if not fit:
+        raise ConfigError(f"--warm-start {text}: none of its {len(params)} members lies in this search space "
+                          f"(sources {', '.join(cfg.sources)}; subspaces {', '.join(cfg.subspaces)}; variants "
+                          f"{', '.join(cfg.variants)}); widen the space or warm-start from another front")
+    return fit

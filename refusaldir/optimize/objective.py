@@ -4,9 +4,10 @@ Per trial, with the edit's hooks: whether the first token on harmful validation 
 refusal (the greedy margin, or the log-odds), KL(unedited ‖ edited) over the first
 ``kl_tokens`` tokens of the unedited model's greedy continuation of harmless validation
 prompts (teacher-forced, one pass), and the refusal rate on the borderline set's search half.
-A trial whose first tokens rarely refuse also writes ``gen_tokens`` greedy tokens per harmful
-prompt, read by the phrase judge: refusals after a preamble ("As an AI, I cannot ...") and
-openers the first-token readout misses count. The shared system-prompt prefix runs once per
+A trial whose first tokens rarely refuse (and whose KL is under ``gen_max_kl``) also writes
+``gen_tokens`` greedy tokens per harmful prompt, read by ``gen_judge``: refusals after a
+preamble ("As an AI, I cannot ...") count with the phrase judge, deflections with the default
+judge. The shared system-prompt prefix runs once per
 pass; a trial whose KL exceeds the ceiling skips the refusal passes.
 
 Example:
@@ -27,7 +28,7 @@ from torch import Tensor
 from refusaldir.batching import resolve_batch_size
 from refusaldir.errors import ConfigError
 from refusaldir.generation import generate
-from refusaldir.judges import PhraseJudge, refused
+from refusaldir.judges import judge_texts, make_judge, refused
 from refusaldir.optimize.config import OptimizeConfig
 from refusaldir.readout import greedy_refusal_margin, refusal_score
 from refusaldir.select import ForwardEngine
@@ -68,7 +69,7 @@ class TrialScorer:
         self.eng = ForwardEngine(model, sets, batch_size=resolve_batch_size(cfg.batch_size, model),
                                  share_prefix=True)
         self.harmful = list(harmful)
-        self.judge = PhraseJudge()
+        self.judge = make_judge(cfg.gen_judge, model=model, harmful_val=self.harmful) if cfg.gen_tokens else None
         self.calls = 0
         self.base = self._baseline()
 
@@ -105,10 +106,12 @@ class TrialScorer:
         return read(logits, self.refusal_ids).cpu()
 
     def _late(self, interventions: Sequence[Any]) -> Tensor:
-        """Per harmful prompt: 1.0 when ``gen_tokens`` greedy tokens read as a refusal (or partial)."""
+        """Per harmful prompt: 1.0 when ``gen_tokens`` greedy tokens read as a refusal (or partial)
+        to ``cfg.gen_judge``, told which answers the token limit cut."""
         done = generate(self.model, self.harmful, interventions, max_new_tokens=self.cfg.gen_tokens,
                         batch_size=self.cfg.batch_size)
-        labels = [j.label for j in self.judge.judge_many(self.harmful, [c.completion for c in done])]
+        labels = [j.label for j in judge_texts(self.judge, self.harmful, [c.completion for c in done],
+                                               [c.finish_reason == "length" for c in done])]
         return torch.tensor([float(refused(x)) for x in labels], dtype=torch.float64)
 
     def _combine(self, r: Tensor, late: Tensor | None) -> dict[str, float]:
@@ -144,7 +147,8 @@ class TrialScorer:
             out.update(refusal=1.0, refusal_rate=1.0, over_refusal=1.0)
             return out
         r = self._refusal("harmful", fwd)
-        gen = self.cfg.gen_tokens > 0 and float((r > 0).double().mean()) <= self.cfg.gen_below
+        gen = (self.cfg.gen_tokens > 0 and float((r > 0).double().mean()) <= self.cfg.gen_below
+               and (self.cfg.gen_max_kl is None or kl <= self.cfg.gen_max_kl))
         out.update(self._combine(r, self._late([edit]) if gen else None))
         if "borderline" in self.eng.sets:
             out["over_refusal"] = float((self._refusal("borderline", fwd) > 0).double().mean())

@@ -37,16 +37,18 @@ def optimize_edit(
     borderline: Sequence[str] | None = None,
     refusal_ids: Sequence[int] | None = None,
     test_sets: dict[str, Sequence[str]] | None = None,
+    warm_start: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """Search (:func:`~refusaldir.optimize.search_front`), confirm ``cfg.confirm`` members and
     the rank-1 edit on the test splits (``test_sets`` overrides ``harmful`` / ``harmless`` /
     ``borderline`` there), and write ``front.json``, ``front.html`` and ``results.md`` to ``out``.
+    ``warm_start``: trials to try first (:func:`~refusaldir.optimize.warm_start`).
 
     Returns the record ``front.json`` holds; confirmed front members carry ``confirmed``.
     """
     cfg = cfg or OptimizeConfig()
     rec = search_front(model, ds, cfg, out=out, resume=resume, harmful=harmful, harmless=harmless,
-                       borderline=borderline, refusal_ids=refusal_ids)
+                       borderline=borderline, refusal_ids=refusal_ids, warm_start=warm_start)
     have = read_subspaces(out) if rec.get("subspaces") else None
     extra = have[0] if have is not None else None
     rec.update(model=model.describe(), versions=versions(),

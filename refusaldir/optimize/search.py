@@ -32,7 +32,7 @@ from refusaldir.judges import find_refusal_tokens
 from refusaldir.optimize.config import OptimizeConfig, make_sampler
 from refusaldir.optimize.objective import TrialScorer
 from refusaldir.optimize.prompts import borderline_half
-from refusaldir.optimize.space import build_edit, describe, rank1_params, suggest
+from refusaldir.optimize.space import build_edit, describe, in_space, rank1_params, suggest
 from refusaldir.progress import progress_bar
 from refusaldir.stats import rate
 from refusaldir.steer import Edit
@@ -192,12 +192,15 @@ def search_front(
     harmless: Sequence[str] | None = None,
     borderline: Sequence[str] | None = None,
     refusal_ids: Sequence[int] | None = None,
+    warm_start: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """Run ``cfg.n_trials`` trials (more on a resumed study) and return the search record:
     ``{"trials": [...], "front": [...], "baseline": {...}, "rank1": {...}, ...}``.
 
     Prompts default to the shipped *validation* splits and the borderline set's search half;
     ``refusal_ids`` to the tokens :func:`refusaldir.judges.find_refusal_tokens` detects there.
+    ``warm_start``: parameter dicts (:func:`~refusaldir.optimize.warm_start`) tried first, after
+    the rank-1 edit, within the ``n_trials``; only for a new study.
     """
     import optuna
 
@@ -213,8 +216,18 @@ def search_front(
     t0 = time.perf_counter()
     check_sources(ds, cfg)
     cfg = _supported_variants(model, cfg)
+    if cfg.gen_tokens and cfg.gen_below < 1:
+        log.warning("gen_below=%g: trials whose first tokens refuse more than that are compared by their first "
+                    "token only, and can hide generated-token-judged trials from the front; gate the "
+                    "generated stage by gen_max_kl with gen_below=1 for a front measured one way", cfg.gen_below)
     if (out / STUDY_FILE).exists() and not resume:  # before the refusal-token passes below
         raise ConfigError(f"{out} already holds a study; pass resume=True (--resume) to add trials or force a new one")
+    if warm_start and resume:
+        raise ConfigError("a warm start seeds a new study; a resumed study already has its trials, so drop one of them")
+    for p in warm_start:
+        if not in_space(p, cfg):
+            raise ConfigError(f"warm-start trial {describe(p)!r} lies outside this search space; "
+                              "filter the starts with refusaldir.optimize.warm_start")
     if refusal_ids is None:
         try:
             refusal_ids = find_refusal_tokens(model, harmful, harmless, n=min(32, len(harmful)),
@@ -234,6 +247,8 @@ def search_front(
     done = optuna.trial.TrialState.COMPLETE
     if not any(t.user_attrs.get("rank1") and t.state == done for t in study.trials):
         study.enqueue_trial({}, user_attrs={"rank1": True})  # again, if an interrupted run lost it
+    for p in warm_start:
+        study.enqueue_trial(dict(p), user_attrs={"warm_start": True})
     setup_s = time.perf_counter() - t0
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
@@ -286,5 +301,7 @@ def _rows(study: optuna.Study) -> list[dict[str, Any]]:
         rows.append({"trial": t.number, "params": p, "describe": describe(p), "refusal": s["refusal"],
                      "refusal_rate": s["refusal_rate"], "refusal_search": rate(k, n_harmful, digits=4), "kl": s["kl"], "over_refusal": s.get("over_refusal"),
                      "skipped": bool(s["skipped"]), "feasible": t.user_attrs["constraints"][0] <= 0,
-                     "rank1": bool(t.user_attrs.get("rank1", False))})
+                     "rank1": bool(t.user_attrs.get("rank1", False)),
+                     "generated": "late_refusal" in s,
+                     **({"warm_start": True} if t.user_attrs.get("warm_start") else {})})
     return rows

@@ -24,7 +24,7 @@ from refusaldir.steer import Edit, Kernel
 if TYPE_CHECKING:
     import optuna
 
-__all__ = ["build_edit", "describe", "rank1_params", "suggest"]
+__all__ = ["build_edit", "describe", "in_space", "rank1_params", "suggest"]
 
 
 def suggest(trial: optuna.Trial, cfg: OptimizeConfig, n_layers: int, has_selected: bool) -> dict[str, Any]:
@@ -44,6 +44,12 @@ def suggest(trial: optuna.Trial, cfg: OptimizeConfig, n_layers: int, has_selecte
         p[f"{part}_floor"] = trial.suggest_float(f"{part}_floor", 0.0, 1.0)
     p["embed"] = trial.suggest_float("embed", 0.0, 1.0)
     return p
+
+
+def in_space(p: dict[str, Any], cfg: OptimizeConfig) -> bool:
+    """Whether ``cfg``'s search space can draw the trial ``p`` (its source, subspace, variant, k)."""
+    return (p.get("source") in cfg.sources and p.get("subspace") in cfg.subspaces
+            and p.get("variant") in cfg.variants and int(p.get("k", 2)) <= cfg.max_k)
 
 
 def rank1_params(n_layers: int, selected: tuple[int, int] | None) -> dict[str, Any]:
