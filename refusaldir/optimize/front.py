@@ -188,17 +188,12 @@ def warm_start(spec: str | os.PathLike[str], ds: DirectionSet, cfg: OptimizeConf
         >>> optimize_edit(model, ds, cfg, out="runs/demo/optimize-judged", warm_start=starts)  # doctest: +SKIP
     """
     text = str(spec)
-    members: Any
-    if "#" in text:
-        path, n = parse_member(text)
-        members = [read_json(path, "run `refusaldir optimize` to write it")["front"][n]]
-    else:
-        path = Path(text)
-        record = read_json(path, "pass a front.json written by `refusaldir optimize`")
-        members = record.get("front") if isinstance(record, dict) else None
-        if not isinstance(members, list):
-            raise ArtifactError(f"{path} has no front; it is not a refusaldir optimize record")
+    path, n = parse_member(text) if "#" in text else (Path(text), None)
     record = read_json(path, "pass a front.json written by `refusaldir optimize`")
+    members = record.get("front") if isinstance(record, dict) else None
+    if not isinstance(members, list):
+        raise ArtifactError(f"{path} has no front; it is not a refusaldir optimize record")
+    members = members if n is None else [members[n]]
     made_on, have = (record.get("directions") or {}).get("sha256"), directions_sha256(ds)
     if made_on != have:
         raise ConfigError(f"--warm-start {text}: that front was optimised on other directions or another "
