@@ -15,6 +15,7 @@ from refusaldir.optimize import (
     borderline_half,
     check_study,
     choose_members,
+    front_markdown,
     load_member,
     multi_token_kl,
     optimize_edit,
@@ -457,6 +458,9 @@ def test_warm_start_tries_a_previous_front_first_in_a_new_study(qwen, ds, tmp_pa
 def test_front_rows_say_whether_generated_tokens_were_judged(qwen, ds, tmp_path, caplog):
     judged = _search(qwen, ds, tmp_path / "a", n_trials=2, gen_tokens=2, gen_below=1.0, gen_judge="phrase")
     assert [r["generated"] for r in judged["trials"]] == [True, True]
+    md = front_markdown({**judged, "confirmation": None})
+    assert md.count("(generated tokens judged)") == len(judged["front"]) > 0
+    assert "read by the phrase judge (trials with first-token rate ≤ 1)" in md
     assert not any("gen_below" in m for m in caplog.messages)
     gated = _search(qwen, ds, tmp_path / "b", n_trials=2, gen_tokens=2, gen_below=1.0, gen_max_kl=1e-9)
     assert [r["generated"] for r in gated["trials"]] == [r["kl"] <= 1e-9 for r in gated["trials"]]

@@ -92,7 +92,9 @@ def front_markdown(record: dict[str, Any]) -> str:
     ]
     for i, r in enumerate(record["front"]):
         over = "–" if r["over_refusal"] is None else f"{100 * r['over_refusal']:.1f}%"
-        lines.append(f"| {i} | {r['trial']} | {100 * r['refusal_rate']:.1f}% | {r['kl']:.4f} | {over} | {r['describe']} |")
+        how = " (generated tokens judged)" if r.get("generated") else ""
+        lines.append(f"| {i} | {r['trial']} | {100 * r['refusal_rate']:.1f}%{how} | {r['kl']:.4f} | {over} | "
+                     f"{r['describe']} |")
     conf = record.get("confirmation")
     if conf:
         lines += ["", f"## Confirmed on the test splits ({conf['max_new_tokens']} new tokens, judge "
