@@ -8,9 +8,10 @@ for hand labelling (``bench/optimize_blind.jsonl``: shuffled, conditions hidden;
 the labels with ``bench/optimize_blind_score.py``).
 
     .venv/bin/python bench/optimize_demo.py --trials 40 --n 48 --confirm 2   # first token only
-    .venv/bin/python bench/optimize_demo.py --trials 30 --n 48 --confirm 1 --out runs/demo/optimize-judged \
-        --gen-tokens 64 --gen-judge probe:coder-1.5b --gen-below 0.05 --gen-max-kl 0.035 \
-        --summary bench/optimize_demo_judged.json   # deflection-aware
+    .venv/bin/python bench/optimize_demo.py --trials 36 --n 48 --confirm 1 --out runs/demo/optimize-judged \
+        --sources selected --subspaces refusal --variants plain --warm-start runs/demo/optimize/front.json \
+        --gen-tokens 64 --gen-judge probe:coder-1.5b --gen-below 0.07 --gen-max-kl 0.032 \
+        --summary bench/optimize_demo_judged.json --blind-prefix bench/optimize_judged_blind   # deflection-aware
 
 Re-running with ``--resume`` adds trials to the same study.
 """

@@ -94,9 +94,8 @@ class OptimizeConfig:
     than by ``gen_below``: a trial just over ``gen_below`` is scored by its first token only and
     looks better than a judged one just under it (so ``gen_below=1`` with ``gen_max_kl``), while
     a trial over ``gen_max_kl`` costs more KL than every judged one and cannot hide them on the
-    front. Off by default:
-    on the demo model 24 tokens read by the phrase judge found no refusal the greedy first
-    token missed. A trial whose KL exceeds ``kl_ceiling`` skips the refusal passes. A trial
+    front. Off by default: on the demo model 24 tokens read by the phrase judge found no
+    refusal the greedy first token missed. A trial whose KL exceeds ``kl_ceiling`` skips the refusal passes. A trial
     is infeasible when its over-refusal exceeds the unedited model's by more than
     ``over_refusal_margin``.
 
